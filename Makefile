@@ -1,0 +1,57 @@
+# WiCore: `make serve` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+DEMO   := models/gemma-3-demo.gguf
+BENCH_MODEL := models/bench-gemma3-q8_0.gguf
+LLAMA_PIN := llama-cpp-python==0.3.36
+
+.PHONY: serve test bench install install-test install-bench install-cuda demo-model clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# llama-cpp-python compiles llama.cpp from source (about 5 minutes on 2 cores); pip caches
+# the wheel, so later installs on the same machine are quick.
+$(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -e '.[test]'
+	touch $@
+
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(BIN)/pip install -e '.[bench]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+install-bench: $(VENV)/.installed-bench
+
+$(DEMO): tools/make_model.py | $(VENV)/.installed
+	$(BIN)/python tools/make_model.py --preset demo --out $@
+
+demo-model: $(DEMO)
+
+serve: $(VENV)/.installed $(DEMO)
+	$(BIN)/wicore serve --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.installed-test $(DEMO)
+	$(BIN)/python -m pytest
+
+$(BENCH_MODEL): tools/make_model.py | $(VENV)/.installed
+	$(BIN)/python tools/make_model.py --preset bench --out $@
+
+bench: $(VENV)/.installed-bench $(BENCH_MODEL)
+	$(BIN)/python tools/bench.py compare --model $(BENCH_MODEL)
+
+# Rebuild llama.cpp with CUDA so `n_gpu_layers` offloads (needs nvcc on PATH).
+install-cuda: $(VENV)/.installed
+	CMAKE_ARGS="-DGGML_CUDA=on" $(BIN)/pip install --force-reinstall --no-cache-dir --no-deps $(LLAMA_PIN)
+
+clean:
+	rm -rf $(VENV) $(DEMO) $(BENCH_MODEL)

@@ -1,0 +1,161 @@
+"""The one typed configuration object.
+
+Values come from, in rising order of precedence: the model defaults below, a JSON file,
+`WICORE_*` environment variables, and command-line flags. The result is validated once and
+passed down; nothing reads the environment after this.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENV_PREFIX = "WICORE_"
+REAL_MODEL_ID = "gemma-3-27b-it"
+REAL_MODEL_FILE = "gemma-3-27b-it-Q4_K_M.gguf"
+DEMO_MODEL_ID = "gemma-3-demo"
+DEMO_MODEL_FILE = "gemma-3-demo.gguf"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says which value and why."""
+
+
+class Config(BaseModel):
+    """Every setting of a WiCore server. Field docs become the README's table and `--help`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    models: dict[str, str] = Field(
+        default_factory=dict,
+        description="Served model ids mapped to GGUF paths. Empty: gemma-3-27b-it from "
+        "models/ when present, else the demo model.",
+    )
+    model: str | None = Field(None, description="Serve this one GGUF file (overrides `models`).")
+    model_id: str | None = Field(None, description="Id for `--model`; defaults to the file stem.")
+    models_dir: str = Field("models", description="Folder searched for the default models.")
+    workers: int = Field(1, ge=1, le=64, description="Worker processes per model.")
+    gpu_ids: list[int] = Field(
+        default_factory=list,
+        description="GPU per worker, round-robin (CUDA_VISIBLE_DEVICES); empty: all visible.",
+    )
+    n_gpu_layers: int = Field(
+        -1, ge=-1, description="Layers offloaded to the GPU; -1: all when the build can offload."
+    )
+    ctx_size: int = Field(
+        0, ge=0, description="KV cache size in tokens, shared by a worker's sequences; "
+        "0: the model's context, at most 32768.",
+    )
+    threads: int = Field(0, ge=0, description="CPU threads per worker; 0: physical cores.")
+    max_batch_size: int = Field(
+        16, ge=1, le=256, description="Sequences one worker decodes at once."
+    )
+    prefill_chunk: int = Field(
+        512, ge=16, le=8192, description="Most tokens in one decode step (long prompts are split)."
+    )
+    max_concurrent_requests: int = Field(
+        32, ge=1, description="Requests admitted (running or queued) before 429."
+    )
+    max_queue_size: int = Field(256, ge=1, description="Most requests waiting for a worker.")
+    max_seq_len: int = Field(
+        131072, ge=16, description="Longest sequence (prompt + completion), bounded by ctx_size."
+    )
+    default_max_tokens: int = Field(512, ge=1, description="`max_tokens` when a request omits it.")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="Deadline for a request, waiting and running together."
+    )
+    rate_limit_per_minute: int = Field(
+        100, ge=0, description="Requests a minute per client address; 0 turns the limit off."
+    )
+    aging_s: float = Field(
+        5.0, gt=0, description="Seconds of waiting that raise a queued request one priority level."
+    )
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
+    )
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, not {self.log_level!r}")
+        if self.max_batch_size > self.max_concurrent_requests:
+            raise ValueError("max_batch_size cannot exceed max_concurrent_requests")
+        return self
+
+    def served_models(self) -> tuple[dict[str, Path], str | None]:
+        """Model ids to serve and their files, plus a note when the demo stands in for Gemma."""
+        if self.model:
+            path = Path(self.model)
+            return {self.model_id or path.stem: path}, None
+        if self.models:
+            return {k: Path(v) for k, v in self.models.items()}, None
+        real = Path(self.models_dir) / REAL_MODEL_FILE
+        if real.exists():
+            return {REAL_MODEL_ID: real}, None
+        demo = Path(self.models_dir) / DEMO_MODEL_FILE
+        note = (
+            f"{real} not found: serving the demo model {DEMO_MODEL_ID!r} from {demo}. "
+            f"Put the real GGUF at {real} (see models/README.md) to serve {REAL_MODEL_ID!r}."
+        )
+        return {DEMO_MODEL_ID: demo}, note
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """`WICORE_MAX_BATCH_SIZE=8` -> {"max_batch_size": "8"}; JSON for lists and maps."""
+    out: dict[str, Any] = {}
+    for name, field in Config.model_fields.items():
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is None:
+            continue
+        out[name] = _parse_structured(name, raw, field.annotation)
+    return out
+
+
+def _parse_structured(name: str, raw: str, annotation: Any) -> Any:
+    text = str(annotation)
+    if text.startswith(("dict", "list")):
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ConfigError(f"{name}: expected JSON, got {raw!r} ({exc})") from None
+    return raw
+
+
+def load_config(
+    config_file: str | os.PathLike[str] | None = None,
+    environ: dict[str, str] | None = None,
+    flags: dict[str, Any] | None = None,
+) -> Config:
+    """Merge file < environment < flags and validate once. Raises ConfigError."""
+    merged: dict[str, Any] = {}
+    environ = dict(os.environ) if environ is None else environ
+    config_file = config_file or environ.get(ENV_PREFIX + "CONFIG")
+    if config_file:
+        try:
+            data = json.loads(Path(config_file).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {config_file} must hold a JSON object")
+        merged.update(data)
+    merged.update(_env_overrides(environ))
+    for name, value in (flags or {}).items():
+        if value is None:
+            continue
+        annotation = Config.model_fields[name].annotation
+        merged[name] = _parse_structured(name, value, annotation) if isinstance(value, str) else value
+    try:
+        return Config(**merged)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None
