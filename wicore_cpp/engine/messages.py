@@ -1,0 +1,83 @@
+"""Messages between the front end and worker processes.
+
+Small, plain, slotted dataclasses: they are pickled across a pipe, so each carries only what
+the other side needs. Tokens travel back as one `StepOutput` per decode step holding the
+updates of every sequence that step touched, never one message per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Finish reasons a worker reports. "stop" and "length" are OpenAI's; the others end a
+# sequence early and are mapped by the scheduler.
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_CANCELLED = "cancelled"
+FINISH_ERROR = "error"
+
+
+@dataclass(slots=True, frozen=True)
+class SamplingParams:
+    """Everything the worker needs to build one sequence's sampler chain and stop it."""
+
+    max_tokens: int
+    temperature: float = 0.7
+    top_p: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class GenerateRequest:
+    """Front end -> worker: start decoding this prompt."""
+
+    request_id: str
+    prompt_tokens: list[int]
+    params: SamplingParams
+
+
+@dataclass(slots=True)
+class CancelRequest:
+    """Front end -> worker: drop this sequence at the next step and free its KV cells."""
+
+    request_id: str
+
+
+@dataclass(slots=True)
+class Shutdown:
+    """Front end -> worker: cancel what is left and exit."""
+
+
+@dataclass(slots=True)
+class WorkerReady:
+    """Worker -> front end: the model is loaded and the worker takes requests."""
+
+    worker_id: int
+    n_ctx: int
+    n_seq_max: int
+    gpu_offload: bool
+    n_gpu_layers: int
+    load_seconds: float
+
+
+@dataclass(slots=True)
+class WorkerFailed:
+    """Worker -> front end: the model could not be loaded; the worker exits after this."""
+
+    worker_id: int
+    message: str
+
+
+# (request_id, text delta, new token ids, finish reason or None, error message or None)
+SeqUpdate = tuple[str, str, list[int], str | None, str | None]
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """Worker -> front end: what one decode step produced, for every sequence it touched."""
+
+    worker_id: int
+    updates: list[SeqUpdate] = field(default_factory=list)

@@ -1,0 +1,98 @@
+"""One request's decoding state inside a worker: prompt progress, output text, stop rules."""
+
+from __future__ import annotations
+
+import codecs
+
+from wicore_cpp.engine.messages import FINISH_LENGTH, FINISH_STOP, GenerateRequest, SeqUpdate
+
+
+class Sequence:
+    """A request being decoded in one KV slot.
+
+    Text leaves in deltas that never split a UTF-8 character (each sequence has its own
+    incremental decoder) and never contain a stop string: the last `len(longest stop) - 1`
+    characters are held back until they can no longer begin one.
+    """
+
+    __slots__ = (
+        "request_id", "slot", "prompt", "params", "sampler", "reservation",
+        "n_cached", "last_token", "num_generated", "finish_reason", "error",
+        "_decoder", "_held", "_hold", "_out_text", "_out_tokens",
+    )
+
+    def __init__(self, request: GenerateRequest, slot: int, sampler, reservation: int):
+        self.request_id = request.request_id
+        self.slot = slot
+        self.prompt = request.prompt_tokens
+        self.params = request.params
+        self.sampler = sampler
+        self.reservation = reservation
+        self.n_cached = 0  # tokens of this sequence already in the KV cache
+        self.last_token = -1
+        self.num_generated = 0
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._held = ""
+        self._hold = max((len(s) for s in self.params.stop), default=1) - 1
+        self._out_text: list[str] = []
+        self._out_tokens: list[int] = []
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.n_cached < len(self.prompt)
+
+    def accept(self, token: int, piece: bytes, is_eog: bool) -> None:
+        """Take one sampled token; decide whether the sequence is finished."""
+        self.last_token = token
+        if is_eog:
+            self._finish(FINISH_STOP)
+            return
+        self.num_generated += 1
+        self._out_tokens.append(token)
+        text = self._decoder.decode(piece)
+        if text:
+            self._add_text(text)
+        if self.finish_reason is None and self.num_generated >= self.params.max_tokens:
+            self._finish(FINISH_LENGTH)
+
+    def _add_text(self, text: str) -> None:
+        if not self.params.stop:
+            self._out_text.append(text)
+            return
+        held = self._held + text
+        cut = min((i for i in (held.find(s) for s in self.params.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self._out_text.append(held[:cut])
+            self._held = ""
+            self.finish_reason = FINISH_STOP
+            return
+        keep = min(self._hold, len(held))
+        self._out_text.append(held[: len(held) - keep])
+        self._held = held[len(held) - keep :]
+
+    def _finish(self, reason: str) -> None:
+        tail = self._decoder.decode(b"", final=True)
+        if tail:
+            self._add_text(tail)
+        if self.finish_reason is None:  # a stop string in the tail wins
+            self._out_text.append(self._held)
+            self._held = ""
+            self.finish_reason = reason
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        """End the sequence from outside (cancelled, failed)."""
+        if self.finish_reason is None:
+            self.finish_reason = reason
+            self.error = error
+
+    def take_update(self) -> SeqUpdate | None:
+        """What this step produced for the front end, or None when nothing new."""
+        if not self._out_tokens and self.finish_reason is None and not self._out_text:
+            return None
+        text = "".join(self._out_text)
+        tokens = self._out_tokens
+        self._out_text = []
+        self._out_tokens = []
+        return (self.request_id, text, tokens, self.finish_reason, self.error)

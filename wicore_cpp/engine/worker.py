@@ -1,0 +1,119 @@
+"""The worker process: loads the model once, then decodes whatever the scheduler hands it.
+
+Commands arrive on `cmd_conn` (GenerateRequest, CancelRequest, Shutdown) and are read between
+decode steps; each step's results leave on `evt_conn` as one StepOutput. Each worker has its
+own pair of pipes, so a worker killed mid-write cannot corrupt another worker's channel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from wicore_cpp.config import Config
+from wicore_cpp.engine.messages import (
+    CancelRequest,
+    GenerateRequest,
+    Shutdown,
+    StepOutput,
+    WorkerFailed,
+    WorkerReady,
+)
+
+log = logging.getLogger("wicore.worker")
+
+
+@dataclass(slots=True, frozen=True)
+class WorkerSpec:
+    """What a worker process needs to start; pickled to the child."""
+
+    worker_id: int
+    model_id: str
+    model_path: Path
+    n_ctx: int
+    config: Config
+    gpu_id: int | None
+
+
+def worker_main(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> None:
+    """Process entry point. Exits when told to, or when the front end's pipe closes."""
+    # Ctrl-C reaches the whole process group; the front end decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if spec.gpu_id is not None:
+        # Before llama_cpp is imported: CUDA reads it once, at initialisation.
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(spec.gpu_id)
+    logging.basicConfig(
+        level=spec.config.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s worker-{spec.worker_id} %(name)s: %(message)s",
+    )
+    try:
+        _serve(spec, cmd_conn, evt_conn)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        log.info("front end went away; worker %d exits", spec.worker_id)
+
+
+def _serve(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> None:
+    from wicore_cpp.engine.backend import BackendError, BatchContext, Model, supports_gpu_offload
+    from wicore_cpp.engine.batcher import ContinuousBatcher
+
+    config = spec.config
+    started = time.monotonic()
+    offload = supports_gpu_offload()
+    n_gpu_layers = config.n_gpu_layers if offload else 0
+    if n_gpu_layers < 0:
+        n_gpu_layers = 10**6  # llama.cpp clamps to the model's layer count
+    try:
+        model = Model(spec.model_path, n_gpu_layers=n_gpu_layers)
+        ctx = BatchContext(
+            model,
+            n_ctx=spec.n_ctx,
+            n_batch=config.prefill_chunk,
+            n_seq_max=config.max_batch_size,
+            threads=config.threads or _physical_cores(),
+        )
+    except BackendError as exc:
+        evt_conn.send(WorkerFailed(spec.worker_id, str(exc)))
+        return
+    load_s = time.monotonic() - started
+    log.info(
+        "loaded %s in %.1fs (n_ctx=%d, batch=%d, gpu offload=%s, layers=%s)",
+        spec.model_path.name, load_s, ctx.n_ctx, config.max_batch_size, offload,
+        min(n_gpu_layers, model.info.n_layer) if offload else 0,
+    )
+    evt_conn.send(
+        WorkerReady(spec.worker_id, ctx.n_ctx, ctx.n_seq_max, offload,
+                    min(n_gpu_layers, model.info.n_layer), load_s)
+    )
+    batcher = ContinuousBatcher(model, ctx)
+    stopping = False
+    while not (stopping and batcher.is_idle):
+        # Block while idle; otherwise only look at what has arrived since the last step.
+        timeout = None if batcher.is_idle else 0
+        while cmd_conn.poll(timeout):
+            timeout = 0
+            msg = cmd_conn.recv()
+            if isinstance(msg, GenerateRequest):
+                batcher.submit(msg)
+            elif isinstance(msg, CancelRequest):
+                batcher.cancel(msg.request_id)
+            elif isinstance(msg, Shutdown):
+                stopping = True
+                batcher.cancel_all()
+        updates = batcher.step()
+        if updates:
+            evt_conn.send(StepOutput(spec.worker_id, updates))
+    ctx.close()
+    model.close()
+    log.info("worker %d stopped", spec.worker_id)
+
+
+def _physical_cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1

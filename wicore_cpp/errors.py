@@ -1,0 +1,87 @@
+"""One exception hierarchy for everything a client can be told; mapped to HTTP in one place.
+
+The HTTP edge turns any `WicoreError` into `{"error": {"message", "type", "param", "code"}}`
+with the status below. `code` is the specific OpenAI-style code where one exists
+(`model_not_found`, `context_length_exceeded`), otherwise the HTTP status as a string, as the
+API document shows.
+"""
+
+from __future__ import annotations
+
+
+class WicoreError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+    def to_dict(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code or str(self.status),
+            }
+        }
+
+
+class InvalidRequest(WicoreError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class ModelNotFound(WicoreError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class NotFound(WicoreError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class MethodNotAllowed(WicoreError):
+    status = 405
+    type = "invalid_request_error"
+
+
+class RateLimited(WicoreError):
+    """Too many requests from one client, or the engine is full (queue or concurrency)."""
+
+    status = 429
+    type = "rate_limit_exceeded"
+
+
+class ServiceUnavailable(WicoreError):
+    """No worker can take the request: loading, all dead, or the server is draining."""
+
+    status = 503
+    type = "server_error"
+
+
+class RequestTimeout(WicoreError):
+    status = 504
+    type = "timeout_error"
+    code = "timeout"
+
+
+class GenerationFailed(WicoreError):
+    """The request was accepted but could not complete (a worker died mid-stream)."""
+
+    status = 500
+    type = "server_error"
+
+
+class ModelFileError(Exception):
+    """A model file is missing, truncated or not GGUF. Fatal at start-up; never an HTTP error."""
