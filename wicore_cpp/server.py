@@ -14,7 +14,6 @@ from wicore_cpp.config import Config
 from wicore_cpp.engine.gguf_file import GGUFSummary, inspect_gguf
 from wicore_cpp.errors import ModelFileError
 from wicore_cpp.http.app import create_app
-from wicore_cpp.http.state import STATE
 
 log = logging.getLogger("wicore")
 
@@ -81,8 +80,8 @@ async def _serve(config: Config, models: dict[str, GGUFSummary]) -> int:
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
             return 1
-        app[STATE].port = runner.addresses[0][1]
-        log.info("listening on http://%s:%d (pid %d)", config.host, app[STATE].port, os.getpid())
+        log.info("listening on http://%s:%d (pid %d)", config.host, runner.addresses[0][1],
+                 os.getpid())
         await stop.wait()
         log.info("shutting down: draining for up to %gs", config.shutdown_grace_s)
     finally:

@@ -77,7 +77,6 @@ def create_app(
         chat=ChatService(config, scheduler, tokenizers),
         rate_limiter=RateLimiter(config.rate_limit_per_minute),
         model_created={mid: int(m.path.stat().st_mtime) for mid, m in models.items()},
-        port=config.port,
     )
     app.add_routes(routes)
     app.cleanup_ctx.append(_engine_lifetime)
@@ -88,8 +87,12 @@ def create_app(
 async def _engine_lifetime(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     state.scheduler.start()
-    await asyncio.gather(*(t.start() for t in state.chat.tokenizers.values()))
+    # Load the vocabularies in the background: the server listens (and /health says
+    # "loading") while the workers and tokenizers load.
+    warmups = [asyncio.create_task(t.start()) for t in state.chat.tokenizers.values()]
     yield
+    for task in warmups:
+        task.cancel()
     await state.scheduler.stop()
     await asyncio.gather(*(asyncio.to_thread(t.close) for t in state.chat.tokenizers.values()))
 

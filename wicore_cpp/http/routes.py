@@ -98,6 +98,9 @@ async def status(request: web.Request) -> web.Response:
     q = s["queued_by_priority"]
     uptime = time.time() - sched.started_at
     errors = s["failed"] + s["timed_out"]
+    # The port this request arrived on: right even when the server was started with port 0.
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    port = sockname[1] if sockname else state.config.port
     yes_no = "是" if s["running"] else "否"
     scheduler_status = "\n".join([
         "调度器状态:",
@@ -120,14 +123,14 @@ async def status(request: web.Request) -> web.Response:
     )
     return _json({
         "server_running": "是",
-        "port": str(state.port),
+        "port": str(port),
         "uptime": f"{uptime:.1f}s",
         "total_requests": str(s["total_requests"]),
         "error_count": str(errors),
         "scheduler_status": scheduler_status,
         "queue_summary": queue_summary,
         "metrics": {**s, "uptime_s": round(uptime, 3), "error_count": errors,
-                    "port": state.port, "engine": ENGINE_NAME, "version": __version__},
+                    "port": port, "engine": ENGINE_NAME, "version": __version__},
     })
 
 

@@ -19,7 +19,6 @@ class AppState:
     chat: ChatService
     rate_limiter: RateLimiter
     model_created: dict[str, int] = field(default_factory=dict)  # model id -> unix time
-    port: int = 0
 
 
 STATE = web.AppKey("wicore_state", AppState)

@@ -106,8 +106,10 @@ class TensorPlan:
     dst_type: str
     src_bytes: int
     dst_bytes: int
-    fallback: str | None = None  # reason, when the row length forced another type
+    fallback: str | None = None  # why, when the row length forced another type than...
+    fallback_from: str | None = None  # ...this one, which the mix chose
     needs_imatrix: bool = False
+    impossible: str | None = None  # why llama.cpp will refuse this tensor (no fallback type)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +133,10 @@ class Plan:
     @property
     def fallbacks(self) -> tuple[TensorPlan, ...]:
         return tuple(t for t in self.tensors if t.fallback)
+
+    @property
+    def impossible_tensors(self) -> tuple[TensorPlan, ...]:
+        return tuple(t for t in self.tensors if t.impossible)
 
     @property
     def imatrix_tensors(self) -> tuple[TensorPlan, ...]:
@@ -415,17 +421,19 @@ class _TypeChooser:
                 "IQ3_M": "Q4_K"}.get(ft, new)
 
 
-def _fallback(t: TensorInfo, wanted: str) -> tuple[str, str | None]:
-    """tensor_type_fallback: a compatible type when the row length does not divide."""
+def _fallback(t: TensorInfo, wanted: str) -> tuple[str, str | None, str | None]:
+    """tensor_type_fallback: (type used, why not `wanted`, why llama.cpp will refuse it)."""
     ncols = t.shape[0]
     block = block_layout(wanted)[0]
     if ncols % block == 0:
-        return wanted, None
+        return wanted, None, None
     reason = f"row length {ncols} is not a multiple of {block}, as {wanted} needs"
+    if wanted not in _FALLBACK and block > 32:
+        return wanted, None, f"{reason}, and llama.cpp has no fallback type for {wanted}"
     used = _FALLBACK.get(wanted, wanted)
     if ncols % block_layout(used)[0] != 0:
         used = "F16"
-    return used, reason
+    return used, reason, None
 
 
 def _requires_imatrix(name: str, dst: str, ftype: str) -> bool:
@@ -448,18 +456,19 @@ def plan_quantization(
     is_quantized_target = main_format not in _FLOAT_FORMATS
     plans = []
     for t in model.tensors:
-        dst, reason = t.ggml_type, None
+        dst, reason, impossible, chosen = t.ggml_type, None, None, None
         if _allows_quantization(t, quantize_output=not leave_output):
             if leave_output and model.has_tied_embeddings and t.name == "token_embd.weight":
                 dst = t.ggml_type
             elif is_quantized_target:
-                dst, reason = _fallback(t, chooser.choose(t))
+                chosen = chooser.choose(t)
+                dst, reason, impossible = _fallback(t, chosen)
             else:
                 dst = main_format
         plans.append(TensorPlan(
             name=t.name, src_type=t.ggml_type, dst_type=dst, src_bytes=t.n_bytes,
             dst_bytes=t.n_bytes if dst == t.ggml_type else _tensor_bytes(t, dst),
-            fallback=reason,
+            fallback=reason, fallback_from=chosen if reason else None, impossible=impossible,
             needs_imatrix=dst != t.ggml_type and _requires_imatrix(t.name, dst, type_name),
         ))
     # llama.cpp writes the input's metadata plus general.quantization_version and file_type.
