@@ -53,7 +53,8 @@ def free_port() -> int:
 
 def make_config(model_path: Path, **overrides) -> Config:
     flags = {"model": str(model_path), "model_id": MODEL_ID, "rate_limit_per_minute": 0,
-             "threads": 2, "ctx_size": 16384, "log_level": "WARNING"}
+             "threads": 2, "ctx_size": 16384, "log_level": "WARNING",
+             "flash_attn": "on"}
     flags.update(overrides)
     return load_config(environ={}, flags=flags)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -54,6 +54,9 @@ class Config(BaseModel):
         "0: the model's context, at most 32768.",
     )
     threads: int = Field(0, ge=0, description="CPU threads per worker; 0: physical cores.")
+    flash_attn: Literal["auto", "on", "off"] = Field(
+        "auto", description="Flash attention: auto (llama.cpp decides per device), on or off."
+    )
     max_batch_size: int = Field(
         16, ge=1, le=256, description="Sequences one worker decodes at once."
     )
@@ -150,8 +153,10 @@ def load_config(
     for name, value in (flags or {}).items():
         if value is None:
             continue
-        annotation = Config.model_fields[name].annotation
-        merged[name] = _parse_structured(name, value, annotation) if isinstance(value, str) else value
+        field = Config.model_fields.get(name)
+        if field is None:
+            raise ConfigError(f"unknown setting {name!r}")
+        merged[name] = _parse_structured(name, value, field.annotation) if isinstance(value, str) else value
     try:
         return Config(**merged)
     except ValidationError as exc:

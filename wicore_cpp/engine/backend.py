@@ -24,6 +24,7 @@ log = logging.getLogger("wicore.llama")
 _LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
 _CONT = 5
 _RANDOM_SEED = 0xFFFFFFFF
+_FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 
 
 class BackendError(RuntimeError):
@@ -185,7 +186,8 @@ class Sampler:
 class BatchContext:
     """One llama.cpp context whose unified KV pool is shared by up to `n_seq_max` sequences."""
 
-    def __init__(self, model: Model, *, n_ctx: int, n_batch: int, n_seq_max: int, threads: int):
+    def __init__(self, model: Model, *, n_ctx: int, n_batch: int, n_seq_max: int, threads: int,
+                 flash_attn: str = "auto"):
         params = lc.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
@@ -198,6 +200,7 @@ class BatchContext:
         params.n_threads = threads
         params.n_threads_batch = threads
         params.no_perf = True
+        params.flash_attn_type = _FLASH_ATTN[flash_attn]
         self.ptr = lc.llama_init_from_model(model.ptr, params)
         if not self.ptr:
             reason = model.llama_log.last_error or "out of memory?"

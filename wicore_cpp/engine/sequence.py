@@ -12,7 +12,7 @@ class Sequence:
 
     Text leaves in deltas that never split a UTF-8 character (each sequence has its own
     incremental decoder) and never contain a stop string: the last `len(longest stop) - 1`
-    characters are held back until they can no longer begin one.
+    characters are held back only while they could still begin one.
     """
 
     __slots__ = (
@@ -45,6 +45,8 @@ class Sequence:
 
     def accept(self, token: int, piece: bytes, is_eog: bool) -> None:
         """Take one sampled token; decide whether the sequence is finished."""
+        if self.finish_reason is not None:
+            return  # finished (stop string, cancelled) while this token was being decoded
         self.last_token = token
         if is_eog:
             self._finish(FINISH_STOP)
@@ -68,9 +70,17 @@ class Sequence:
             self._held = ""
             self.finish_reason = FINISH_STOP
             return
-        keep = min(self._hold, len(held))
+        keep = self._partial_stop_length(held)
         self._out_text.append(held[: len(held) - keep])
         self._held = held[len(held) - keep :]
+
+    def _partial_stop_length(self, text: str) -> int:
+        """Length of the longest tail of `text` that could still grow into a stop string."""
+        for k in range(min(self._hold, len(text)), 0, -1):
+            tail = text[-k:]
+            if any(stop.startswith(tail) for stop in self.params.stop):
+                return k
+        return 0
 
     def _finish(self, reason: str) -> None:
         tail = self._decoder.decode(b"", final=True)

@@ -76,6 +76,7 @@ def _serve(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> None
             n_batch=config.prefill_chunk,
             n_seq_max=config.max_batch_size,
             threads=config.threads or _physical_cores(),
+            flash_attn=config.flash_attn,
         )
     except BackendError as exc:
         evt_conn.send(WorkerFailed(spec.worker_id, str(exc)))

@@ -20,14 +20,22 @@ MAX_STOP_SEQUENCES = 4
 
 class TextPart(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
-    type: Literal["text"]
+    type: str
     text: str
+
+    @field_validator("type")
+    @classmethod
+    def _only_text(cls, value: str) -> str:
+        if value != "text":
+            raise ValueError(f"content parts of type {value!r} are not supported; only 'text'")
+        return value
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    # Text parts are tried first so that a bad part's own message reaches the client.
+    content: list[TextPart] | str
     name: str | None = None
 
     def text(self) -> str:

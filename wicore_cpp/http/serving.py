@@ -33,7 +33,7 @@ log = logging.getLogger("wicore.serving")
 
 def new_request_id() -> str:
     """`req_<ms timestamp>` as in the API document, plus random hex so ids never collide."""
-    return f"req_{int(time.time() * 1000)}{uuid.uuid4().hex[:8]}"
+    return f"req_{int(time.time() * 1000)}{uuid.uuid4().hex[:12]}"
 
 
 def resolve_priority(body_value: str | None, header_value: str | None) -> Priority:

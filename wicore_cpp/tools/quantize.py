@@ -118,11 +118,11 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         model = _read_input(args.input) if args.input else None
         _print_types(console, types, model)
         return EXIT_OK
+    if not args.input:
+        raise UsageError("missing INPUT (usage: wicore quantize INPUT OUTPUT --type TYPE)")
     qtype = _resolve_type(args.qtype, types)
     if args.threads < 0:
         raise UsageError(f"--threads must be 0 (all cores) or more, not {args.threads}")
-    if not args.input:
-        raise UsageError("missing INPUT (usage: wicore quantize INPUT OUTPUT --type TYPE)")
     if not args.output and not args.dry_run:
         raise UsageError("missing OUTPUT (usage: wicore quantize INPUT OUTPUT --type TYPE)")
     model = _read_input(args.input)

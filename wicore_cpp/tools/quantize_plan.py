@@ -174,7 +174,7 @@ def read_model(path: Path) -> ModelInfo:
     try:
         reader = gguf.GGUFReader(path, "r")
     except Exception as exc:  # noqa: BLE001 - any parse failure means "not a usable GGUF"
-        raise NotGGUFError(f"cannot read it as GGUF: {exc}") from exc
+        raise NotGGUFError(f"cannot read it as GGUF (truncated or damaged?): {exc}") from exc
 
     def field(key: str, default: int | str | None = None) -> int | str | None:
         f = reader.get_field(key)

@@ -1,0 +1,271 @@
+"""tools/bench.py: statistics, SSE parsing and result bookkeeping (pure, no server)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_bench():
+    """tools/bench.py as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "tools" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+
+def chunk(delta: dict | None = None, finish: str | None = None, **extra) -> str:
+    payload = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "choices": [] if delta is None else [
+            {"index": 0, "delta": delta, "finish_reason": finish}
+        ],
+        **extra,
+    }
+    return json.dumps(payload)
+
+
+def sse(*datas: str, sep: str = "\n") -> bytes:
+    return "".join(f"data: {d}{sep}{sep}" for d in datas).encode()
+
+
+# --------------------------------------------------------------------------- percentile
+
+
+@pytest.mark.parametrize(
+    ("values", "q", "expected"),
+    [
+        ([], 50, None),
+        ([7.0], 95, 7.0),
+        ([1, 2, 3, 4], 50, 2.5),
+        ([4, 1, 3, 2], 0, 1.0),
+        ([4, 1, 3, 2], 100, 4.0),
+        (list(range(1, 101)), 95, 95.05),
+        ([10, 20], 25, 12.5),
+    ],
+)
+def test_percentile_interpolates_between_ranks(values, q, expected):
+    result = bench.percentile(values, q)
+    if expected is None:
+        assert result is None
+    else:
+        assert result == pytest.approx(expected)
+
+
+def test_percentile_rejects_out_of_range_q():
+    with pytest.raises(ValueError):
+        bench.percentile([1.0], 101)
+
+
+# --------------------------------------------------------------------------- SSE parser
+
+
+def test_sse_parser_handles_any_split_of_the_byte_stream():
+    stream = sse(chunk({"role": "assistant"}), chunk({"content": "héllo 世界"}), "[DONE]")
+    expected = [e.data for e in bench.SSEParser().feed(stream)]
+    assert expected[-1] == "[DONE]" and len(expected) == 3
+    for size in (1, 2, 3, 7, 64):
+        parser = bench.SSEParser()
+        got = []
+        for i in range(0, len(stream), size):
+            got += [e.data for e in parser.feed(stream[i : i + size])]
+        assert got == expected, size
+
+
+@pytest.mark.parametrize("sep", ["\n", "\r\n", "\r"])
+def test_sse_parser_accepts_every_line_ending(sep):
+    parser = bench.SSEParser()
+    events = parser.feed(sse("a", "[DONE]", sep=sep)) + parser.close()
+    assert [e.data for e in events] == ["a", "[DONE]"]
+    assert parser.close() == []
+
+
+def test_sse_parser_cr_at_buffer_end_waits_for_a_possible_lf():
+    parser = bench.SSEParser()
+    assert parser.feed(b"data: x\r") == []
+    assert [e.data for e in parser.feed(b"\n\r\n")] == ["x"]
+
+
+def test_sse_parser_comments_fields_and_multiline_data():
+    parser = bench.SSEParser()
+    raw = (
+        b": ping - 2024-01-01\r\n\r\n"
+        b"event: error\ndata: line one\ndata:line two\nid: 5\nretry: 10\n\n"
+        b"data\n\n"
+    )
+    events = parser.feed(raw)
+    assert events == [
+        bench.SSEEvent(data="line one\nline two", event="error"),
+        bench.SSEEvent(data="", event="message"),
+    ]
+
+
+def test_sse_parser_close_flushes_an_unterminated_event():
+    parser = bench.SSEParser()
+    assert parser.feed(b"data: [DONE]") == []
+    assert [e.data for e in parser.close()] == ["[DONE]"]
+
+
+# --------------------------------------------------------------------------- stream tracking
+
+
+def track(events: list[tuple[float, str]], event_type: str = "message"):
+    result = bench.RequestResult(index=0, start=1.0)
+    first = []
+    tracker = bench.StreamTracker(result, lambda: first.append(True))
+    for now, data in events:
+        tracker.on_event(bench.SSEEvent(data=data, event=event_type), now)
+    return result, tracker, first
+
+
+def test_tracker_times_content_chunks_only():
+    result, tracker, first = track([
+        (1.1, chunk({"role": "assistant"})),
+        (1.5, chunk({"content": "a"})),
+        (1.6, chunk({"content": ""})),
+        (1.7, chunk({"content": "b"})),
+        (2.0, chunk({"content": "c"})),
+        (2.1, chunk({}, finish="length")),
+        (2.2, chunk(None, usage={"prompt_tokens": 3, "completion_tokens": 4})),
+        (2.3, "[DONE]"),
+    ])
+    assert tracker.done and result.ok
+    assert first == [True]
+    assert result.num_chunks == 3
+    assert result.ttft == pytest.approx(0.5)
+    assert result.gaps == pytest.approx([0.2, 0.3])
+    assert result.finish_reason == "length"
+    assert result.usage_tokens == 4
+
+
+def test_tracker_records_error_payloads_and_bad_json():
+    result, _, _ = track([(1.2, json.dumps({"error": {"message": "boom"}}))])
+    assert not result.ok and "boom" in result.error
+
+    result, _, _ = track([(1.2, json.dumps({"detail": "x"}))], event_type="error")
+    assert not result.ok
+
+    result, _, _ = track([(1.2, "{not json")])
+    assert not result.ok and "bad JSON" in result.error
+
+
+# --------------------------------------------------------------------------- requests and runs
+
+
+def test_chat_body_is_reproducible_and_carries_priority():
+    a = bench.chat_body("m", 3, 64, None, None, True)
+    assert a == bench.chat_body("m", 3, 64, None, None, True)
+    assert a["stream"] is True and a["temperature"] == 0.7 and a["max_tokens"] == 64
+    assert a["seed"] != bench.chat_body("m", 4, 64, None, None, True)["seed"]
+    assert a["stream_options"] == {"include_usage": True}
+    assert "priority" not in a
+    b = bench.chat_body("m", 3, 8, "hi", "urgent", False)
+    assert b["priority"] == "urgent" and "stream_options" not in b
+    assert b["messages"] == [{"role": "user", "content": "hi"}]
+
+
+def test_staggered_lengths_vary_around_the_mean():
+    lengths = [bench.staggered(64, i) for i in range(200)]
+    assert min(lengths) >= 32 and max(lengths) < 96
+    assert len(set(lengths)) > 30
+    assert sum(lengths) / len(lengths) == pytest.approx(64, abs=4)
+
+
+def _result(index, ttft, gaps, chunks, error=None, usage=None):
+    return bench.RequestResult(
+        index=index, start=0.0, end=1.0, status=200, ttft=ttft, gaps=gaps,
+        num_chunks=chunks, usage_tokens=usage, finish_reason=None if error else "length",
+        error=error,
+    )
+
+
+def test_summarize_aggregates_tokens_latencies_and_errors():
+    cfg = bench.RunConfig(url="u", model="m", concurrency=2, requests=3, max_tokens=4)
+    results = [
+        _result(0, 0.1, [0.01, 0.03], 3, usage=4),
+        _result(1, 0.3, [0.02], 2, usage=4),
+        _result(2, None, [], 0, error="HTTP 429: busy"),
+    ]
+    report = bench.summarize(results, cfg, wall_s=2.0)
+    assert report["tokens"] == 5
+    assert report["tok_s"] == pytest.approx(2.5)
+    assert report["usage_tokens"] == 8
+    assert report["ttft_p50"] == pytest.approx(0.2)
+    assert report["itl_p50"] == pytest.approx(0.02)
+    assert report["errors"] == 1 and report["error_samples"] == ["HTTP 429: busy"]
+    assert report["finish_reasons"] == {"length": 2}
+
+
+def test_summarize_leaves_usage_out_when_a_server_does_not_send_it():
+    cfg = bench.RunConfig(url="u", model="m", concurrency=1, requests=2, max_tokens=4)
+    report = bench.summarize([_result(0, 0.1, [], 1, usage=1), _result(1, 0.1, [], 1)], cfg, 1.0)
+    assert report["usage_tokens"] is None
+
+
+# --------------------------------------------------------------------------- compare report
+
+
+def _run(server, conc, tok_s, errors=0):
+    return {
+        "server": server, "concurrency": conc, "tok_s": tok_s, "ttft_p50": 0.1234,
+        "ttft_p95": 0.2, "itl_p50": 0.0123, "itl_p95": None, "errors": errors,
+    }
+
+
+def test_ratios_against_targets():
+    runs = [
+        _run("wicore", 1, 110.0), _run("llama-cpp-python", 1, 100.0),
+        _run("wicore", 16, 300.0), _run("llama-cpp-python", 16, 100.0),
+    ]
+    out = bench.ratios(runs)
+    assert out[1]["ratio"] == pytest.approx(1.1) and out[1]["verdict"] == "PASS"
+    assert out[16]["ratio"] == pytest.approx(3.0) and out[16]["verdict"] == "MISS"
+
+
+def test_ratios_miss_when_either_side_had_errors_and_skip_missing_servers():
+    runs = [_run("wicore", 1, 500.0, errors=1), _run("llama-cpp-python", 1, 100.0),
+            _run("wicore", 16, 500.0)]
+    out = bench.ratios(runs)
+    assert out[1]["verdict"] == "MISS"
+    assert 16 not in out
+
+
+def test_markdown_table_formats_milliseconds():
+    lines = bench.markdown_table([_run("wicore", 16, 333.33)])
+    assert lines[0].startswith("| server | concurrency | tok/s |")
+    assert lines[2] == "| wicore | 16 | 333.3 | 123 | 200 | 12.3 | - | 0 |"
+
+
+def test_report_lines_include_ratio_priority_and_failures():
+    runs = [_run("wicore", 16, 400.0), _run("llama-cpp-python", 16, 100.0)]
+    results = {
+        "model": "m.gguf", "threads": 2, "max_tokens": 64, "runs": runs,
+        "ratios": bench.ratios(runs), "failures": ["llama-cpp-python: did not start"],
+        "priority": {"running": 16, "waiting": 32, "urgent_ttft": 0.25, "normal_ttft": 5.0,
+                     "normal_over_urgent": 20.0, "errors": 0},
+    }
+    text = "\n".join(bench.report_lines(results))
+    assert "at concurrency 16: 4.00x (target >= 4x: PASS)" in text
+    assert "urgent TTFT 250 ms, normal TTFT 5000 ms (20.0x)" in text
+    assert "FAILED: llama-cpp-python: did not start" in text
+
+
+def test_cli_parses_each_subcommand():
+    parser = bench.build_parser()
+    args = parser.parse_args(["run", "--model", "m", "--concurrency", "16", "--requests", "32"])
+    assert (args.concurrency, args.requests, args.max_tokens) == (16, 32, 64)
+    args = parser.parse_args(["priority", "--model", "m"])
+    assert (args.running, args.waiting) == (16, 32)
+    args = parser.parse_args(["compare", "--model", "x.gguf", "--wicore-arg=--workers=1"])
+    assert args.wicore_arg == ["--workers=1"] and args.out_dir == "bench-results"
