@@ -19,6 +19,7 @@ import signal
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from wicore_cpp.tools.quantize_console import Console
     from wicore_cpp.tools.quantize_plan import ModelInfo, Plan
     from wicore_cpp.tools.quantize_types import QuantType
+    from wicore_cpp.tools.quantize_worker import QuantizeJob
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -242,26 +244,58 @@ def _quantize(
                                     dir=output.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    published = False
     try:
-        job = QuantizeJob(
-            input_path=str(model.path), output_path=str(tmp), ftype=qtype.ftype,
-            nthread=args.threads, allow_requantize=args.allow_requantize,
-            quantize_output_tensor=not args.leave_output,
-            token_embedding_type=_kept_embedding_type(args, model),
-        )
-        console.note(f"{model.path.name} -> {output.name} as {qtype.name}, about "
-                     f"{format_bytes(plan.output_bytes)}")
-        outcome = _run_quantizer(job, console)
-        if outcome.error is not None:
-            console.error(outcome.error)
-            return EXIT_FAILED
-        _publish(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)  # after a successful rename it is already gone
-    console.result(_summary(qtype, model, output, outcome))
-    if args.check:
-        return _run_check(args, console, model.path, output)
+        try:
+            job = QuantizeJob(
+                input_path=str(model.path), output_path=str(tmp), ftype=qtype.ftype,
+                nthread=args.threads, allow_requantize=args.allow_requantize,
+                quantize_output_tensor=not args.leave_output,
+                token_embedding_type=_kept_embedding_type(args, model),
+            )
+            console.note(f"{model.path.name} -> {output.name} as {qtype.name}, about "
+                         f"{format_bytes(plan.output_bytes)}")
+            outcome = _run_quantizer(job, console)
+            if outcome.error is not None:
+                console.error(outcome.error)
+                return EXIT_FAILED
+            with _signals_deferred():  # so that "renamed" and "reported" never disagree
+                _publish(tmp, output)
+                published = True
+        finally:
+            tmp.unlink(missing_ok=True)  # after a successful rename it is already gone
+        console.result(_summary(qtype, model, output, outcome))
+        if args.check:
+            return _run_check(args, console, model.path, output)
+    except Interrupted as exc:
+        if not published:
+            raise
+        console.error(f"interrupted ({exc}); {output} was written completely")
+        return exc.exit_code
     return EXIT_OK
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block is done, then act on them."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def remember(signum: int, _frame: Any) -> None:
+        pending.append(signum)
+
+    previous = {s: signal.signal(s, remember) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if pending:
+        raise Interrupted(pending[0])
 
 
 def _kept_embedding_type(args: argparse.Namespace, model: ModelInfo) -> int | None:
@@ -274,14 +308,14 @@ def _kept_embedding_type(args: argparse.Namespace, model: ModelInfo) -> int | No
     return ggml_type_id(embd.ggml_type) if embd else None
 
 
+@dataclass(slots=True)
 class _Outcome:
     """What the quantizer child reported."""
 
-    def __init__(self) -> None:
-        self.events: list[Any] = []
-        self.rc: int | None = None
-        self.exit_code: int | None = None
-        self.seconds = 0.0
+    events: list[Any] = field(default_factory=list)
+    rc: int | None = None  # llama_model_quantize's return value, if it returned
+    exit_code: int | None = None  # the child process's
+    seconds: float = 0.0
 
     @property
     def error(self) -> str | None:
@@ -290,14 +324,14 @@ class _Outcome:
         if self.rc == 0 and self.exit_code == 0:
             return None
         reason = llama_error_reason(self.events)
-        if self.rc is not None:
+        if self.rc not in (None, 0):
             return f"llama.cpp could not quantize the model: {reason or 'no reason given'}"
         how = (f"was killed by signal {-self.exit_code}" if self.exit_code and self.exit_code < 0
                else f"exited with code {self.exit_code}")
         return f"the quantizer process {how}" + (f": {reason}" if reason else "")
 
 
-def _run_quantizer(job: Any, console: Console) -> _Outcome:
+def _run_quantizer(job: QuantizeJob, console: Console) -> _Outcome:
     from wicore_cpp.tools.quantize_log import TensorDone, TensorStarted
     from wicore_cpp.tools.quantize_worker import QuantizeFinished, quantize_main, run_in_child
 
@@ -344,7 +378,10 @@ def _publish(tmp: Path, output: Path) -> None:
 
 def _summary(qtype: QuantType, model: ModelInfo, output: Path, outcome: _Outcome) -> str:
     from wicore_cpp.tools.quantize_console import (
-        FallbackNote, describe_fallbacks, format_bytes, format_duration,
+        FallbackNote,
+        describe_fallbacks,
+        format_bytes,
+        format_duration,
     )
     from wicore_cpp.tools.quantize_log import Fallback, Totals
 
@@ -370,13 +407,9 @@ def _run_check(args: argparse.Namespace, console: Console, original: Path, outpu
     console.note("checking: next-token distributions of both models on built-in prompts")
     results: list[CheckResult | CheckFailed] = []
     start = time.monotonic()
-    try:
-        exit_code = run_in_child(
-            check_main, CheckJob(str(original), str(output), args.threads), results.append
-        )
-    except Interrupted as exc:
-        console.error(f"check interrupted; {output} was written completely")
-        return exc.exit_code
+    exit_code = run_in_child(
+        check_main, CheckJob(str(original), str(output), args.threads), results.append
+    )
     result = results[-1] if results else None
     if not isinstance(result, CheckResult):
         why = result.message if isinstance(result, CheckFailed) else f"exit code {exit_code}"
@@ -406,15 +439,19 @@ def _print_types(
     from wicore_cpp.tools.quantize_plan import plan_quantization
     from wicore_cpp.tools.quantize_types import ALIASES
 
-    rows = sorted(types.values(), key=lambda q: (-q.bpw, q.name))
+    plans = {q.name: plan_quantization(model, q.name, q.main_format)
+             for q in types.values()} if model is not None else {}
+    # largest first: by this file's estimate when there is one, else by the main format
+    rows = sorted(types.values(), key=lambda q: (
+        -(plans[q.name].output_bytes if plans else q.bpw), q.name))
     head = f"{'TYPE':<10} {'BITS/WEIGHT':>11}"
-    if model is not None:
+    if plans:
         head += f"  {'EST. SIZE':>10} {'EST. BPW':>8}"
     lines = [head + "  LLAMA.CPP SAYS"]
     for q in rows:
         line = f"{q.name:<10} {q.bpw:>11.2f}"
-        if model is not None:
-            plan = plan_quantization(model, q.name, q.main_format)
+        if plans:
+            plan = plans[q.name]
             line += f"  {format_bytes(plan.output_bytes):>10} {plan.bpw:>8.2f}"
         line += f"  {q.llama_note.strip()}"
         if q.remark:
@@ -438,7 +475,10 @@ def _print_estimate(
     console: Console, model: ModelInfo, plan: Plan, output: Path | None, free: int | None
 ) -> None:
     from wicore_cpp.tools.quantize_console import (
-        FallbackNote, describe_fallbacks, describe_type_counts, format_bytes,
+        FallbackNote,
+        describe_fallbacks,
+        describe_type_counts,
+        format_bytes,
     )
 
     fallbacks = [

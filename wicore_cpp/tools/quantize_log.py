@@ -1,16 +1,18 @@
 """Turn llama.cpp's quantizer log into small typed events.
 
 llama.cpp has no progress callback; it logs one line per tensor through its log callback, in
-pieces (vendor/llama.cpp/src/llama-quant.cpp, llama_model_quantize_impl):
+pieces (vendor/llama.cpp/src/llama-quant.cpp, llama_model_quantize_impl), here with the
+padding shortened:
 
-    [   7/  54] blk.0.attn_q.weight                  - [   256,    256,      1,      1], type =    f16, 
-    converting to q4_K .. 
-    size =     0.12 MiB ->     0.04 MiB\\n
+    "[   7/  54] blk.0.attn_q.weight - [   256,    256,      1,      1], type =    f16, "
+    "converting to q4_K .. "
+    "size =     0.12 MiB ->     0.04 MiB\\n"
 
-(a kept tensor logs only `size =    0.001 MiB`; a dry run logs `... MiB (q4_K)`). Fallbacks are
+A kept tensor logs only "size =    0.001 MiB"; a dry run logs "... MiB (q4_K)". Fallbacks are
 logged before the first tensor line, one per tensor:
 
-    warning: blk.0.ffn_down.weight - ncols   1000 not divisible by 256 (required for type    q4_K) -> falling back to    q5_0
+    "warning: blk.0.ffn_down.weight - ncols   1000 not divisible by 256
+     (required for type    q4_K) -> falling back to    q5_0"
 
 The parser is pure, so it is tested without llama.cpp; the quantizer process feeds it and sends
 the events to the front process.

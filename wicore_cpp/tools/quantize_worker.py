@@ -73,8 +73,9 @@ def _child_setup() -> None:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
         except (OSError, AttributeError):
             pass
-        if os.getppid() == 1:  # the front process died before prctl took effect
-            os._exit(1)
+        parent = multiprocessing.parent_process()
+        if parent is not None and os.getppid() != parent.pid:
+            os._exit(1)  # the front process died before prctl took effect
 
 
 def _install_log_callback(on_line: Callable[[int, str], None]) -> None:
