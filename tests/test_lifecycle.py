@@ -275,6 +275,22 @@ async def test_several_workers_share_the_load(demo_model_path):
             resp.close()
 
 
+async def test_gpu_ids_pin_one_device_per_worker(demo_model_path):
+    """Each worker process sees only its GPU (round-robin over gpu_ids). On this CPU build
+    nothing is offloaded, but the pinning is what a multi-GPU workstation relies on."""
+    config = make_config(demo_model_path, workers=3, gpu_ids="[1, 0]")
+    async with serve_in_process(config) as served:
+        await until(lambda: _all_ready(served, 3), what="three workers ready")
+        workers = sorted((await metrics(served))["workers"], key=lambda w: w["id"])
+        assert [w["gpu_id"] for w in workers] == [1, 0, 1]
+        assert [w["cuda_visible_devices"] for w in workers] == ["1", "0", "1"]
+
+
+async def _all_ready(served: Served, n: int) -> bool:
+    workers = (await metrics(served))["workers"]
+    return len(workers) == n and all(w["ready"] for w in workers)
+
+
 async def test_health_is_503_while_loading(demo_model_path):
     app = create_app(make_config(demo_model_path), check_models(make_config(demo_model_path)))
     server = TestServer(app, host="127.0.0.1", port=0)

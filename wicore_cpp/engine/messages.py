@@ -61,6 +61,7 @@ class WorkerReady:
     gpu_offload: bool
     n_gpu_layers: int
     load_seconds: float
+    visible_devices: str | None  # CUDA_VISIBLE_DEVICES as the worker sees it
 
 
 @dataclass(slots=True)

@@ -106,6 +106,7 @@ class WorkerHandle:
     gpu_id: int | None
     is_ready: bool = False
     gpu_offload: bool = False
+    visible_devices: str | None = None
     running: dict[str, TrackedRequest] = field(default_factory=dict)
 
 
@@ -390,6 +391,7 @@ class Scheduler:
         elif isinstance(msg, WorkerReady):
             worker.is_ready = True
             worker.gpu_offload = msg.gpu_offload
+            worker.visible_devices = msg.visible_devices
             worker.pool.load_failures = 0
             log.info("worker %d ready in %.1fs (n_ctx=%d, gpu offload=%s, gpu layers=%d)",
                      msg.worker_id, msg.load_seconds, msg.n_ctx, msg.gpu_offload, msg.n_gpu_layers)
@@ -494,6 +496,7 @@ class Scheduler:
                     "ready": w.is_ready,
                     "gpu_id": w.gpu_id,
                     "gpu_offload": w.gpu_offload,
+                    "cuda_visible_devices": w.visible_devices,
                     "running": len(w.running),
                 }
                 for p in self.pools.values()

@@ -89,7 +89,8 @@ def _serve(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> None
     )
     evt_conn.send(
         WorkerReady(spec.worker_id, ctx.n_ctx, ctx.n_seq_max, offload,
-                    min(n_gpu_layers, model.info.n_layer), load_s)
+                    min(n_gpu_layers, model.info.n_layer), load_s,
+                    os.environ.get("CUDA_VISIBLE_DEVICES"))
     )
     batcher = ContinuousBatcher(model, ctx)
     stopping = False
