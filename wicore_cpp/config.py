@@ -50,8 +50,8 @@ class Config(BaseModel):
         -1, ge=-1, description="Layers offloaded to the GPU; -1: all when the build can offload."
     )
     ctx_size: int = Field(
-        0, ge=0, description="KV cache size in tokens, shared by a worker's sequences; "
-        "0: the model's context, at most 32768.",
+        0, ge=0, description="KV cache pool in tokens, shared by all of a worker's sequences; "
+        "0: 32768.",
     )
     threads: int = Field(0, ge=0, description="CPU threads per worker; 0: physical cores.")
     flash_attn: Literal["auto", "on", "off"] = Field(
