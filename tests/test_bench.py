@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _load_bench():
     """tools/bench.py as a module (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "tools" / "bench.py")
+    spec = importlib.util.spec_from_file_location("wicore_bench_tool", ROOT / "tools" / "bench.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["bench"] = module  # dataclasses resolve annotations through sys.modules
+    sys.modules["wicore_bench_tool"] = module  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 
@@ -241,6 +241,19 @@ def test_ratios_miss_when_either_side_had_errors_and_skip_missing_servers():
     assert 16 not in out
 
 
+def test_median_runs_pick_the_median_round_and_sum_errors():
+    runs = [
+        {**_run("wicore", 16, tok, errors=err), "round": n, "per_request": []}
+        for n, (tok, err) in enumerate([(300.0, 0), (100.0, 1), (200.0, 0)], start=1)
+    ] + [{**_run("wicore", 1, 50.0), "round": 1}, {**_run("wicore", 1, 60.0), "round": 2}]
+    rows = {r["concurrency"]: r for r in bench.median_runs(runs)}
+    assert rows[16]["tok_s"] == 200.0 and rows[16]["round"] == 3
+    assert rows[16]["errors"] == 1
+    assert rows[16]["rounds_tok_s"] == [300.0, 100.0, 200.0]
+    assert "per_request" not in rows[16]
+    assert rows[1]["tok_s"] == 50.0  # the lower middle of an even count
+
+
 def test_markdown_table_formats_milliseconds():
     lines = bench.markdown_table([_run("wicore", 16, 333.33)])
     assert lines[0].startswith("| server | concurrency | tok/s |")
@@ -249,9 +262,11 @@ def test_markdown_table_formats_milliseconds():
 
 def test_report_lines_include_ratio_priority_and_failures():
     runs = [_run("wicore", 16, 400.0), _run("llama-cpp-python", 16, 100.0)]
+    table = bench.median_runs(runs)
     results = {
-        "model": "m.gguf", "threads": 2, "max_tokens": 64, "runs": runs,
-        "ratios": bench.ratios(runs), "failures": ["llama-cpp-python: did not start"],
+        "model": "m.gguf", "threads": 2, "max_tokens": 64, "runs": runs, "table": table,
+        "rounds": 1, "loadavg_start": 0.2,
+        "ratios": bench.ratios(table), "failures": ["llama-cpp-python: did not start"],
         "priority": {"running": 16, "waiting": 32, "urgent_ttft": 0.25, "normal_ttft": 5.0,
                      "normal_over_urgent": 20.0, "errors": 0},
     }

@@ -1,0 +1,976 @@
+"""Load benchmark for OpenAI-compatible streaming chat servers (WiCore, llama-cpp-python).
+
+Subcommands:
+
+  run       N concurrent streaming clients, R requests in all, against any server; reports
+            aggregate tokens/s, time to first token (TTFT) and inter-token latency (ITL)
+            percentiles, and errors.
+  priority  time to first token of an `urgent` request, and of a `normal` one, sent while
+            16 normal streams run and 32 more wait (WiCore only: it needs priorities and
+            `--max-concurrent-requests` of 64).
+  compare   starts WiCore, then llama-cpp-python's own server, on the same GGUF with the
+            same threads (one at a time, never both), runs concurrency 1 and 16 on each and
+            the priority test on WiCore, prints a Markdown table and the ratios, and writes
+            bench-results/latest.json.
+
+Tokens are counted as streamed content chunks, the same way for every server (a chunk
+that carries several tokens, e.g. a held-back partial UTF-8 character, counts once, so the
+count is a lower bound). When a server also reports `usage` in the stream, its
+`completion_tokens` are recorded alongside.
+
+Only the standard library and aiohttp (plus psutil for the thread default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+log = logging.getLogger("wicore.bench")
+
+PROMPTS: tuple[str, ...] = (
+    "Explain how a hash table handles collisions.",
+    "Write a short poem about the sea at night.",
+    "What are the main causes of inflation?",
+    "Describe the water cycle in simple terms.",
+    "Give three tips for writing readable Python code.",
+    "Summarize the plot of a heist movie you invent.",
+    "How does public-key cryptography work?",
+    "List some differences between TCP and UDP.",
+)
+BASE_SEED = 1234
+WARMUP_MAX_TOKENS = 4
+
+# Targets from the issue: WiCore / llama-cpp-python aggregate tokens/s at each concurrency.
+TARGETS: dict[int, float] = {1: 1.0, 16: 4.0}
+
+
+def emit(line: str = "") -> None:
+    """Print one line of results to stdout (diagnostics go to logging, on stderr)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0..100) with linear interpolation between ranks; None if empty."""
+    if not values:
+        return None
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile must be within 0..100, not {q}")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = math.ceil(rank)
+    if low == high:
+        return float(ordered[low])
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (rank - low))
+
+
+# --------------------------------------------------------------------------- SSE parsing
+
+
+@dataclass(frozen=True)
+class SSEEvent:
+    """One server-sent event: its `event:` type ("message" unless set) and joined `data:`."""
+
+    data: str
+    event: str = "message"
+
+
+class SSEParser:
+    """Incremental server-sent-events parser: feed bytes as they arrive, get whole events.
+
+    Follows the WHATWG rules that matter here: lines end in LF, CRLF or CR; a blank line
+    ends an event; `data:` lines of one event are joined with LF; one space after the colon
+    is dropped; lines starting with `:` are comments (keep-alive pings); an event with no
+    data is not dispatched. A multi-byte character split across reads is handled because
+    decoding happens per complete line.
+    """
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._data: list[str] = []
+        self._event = ""
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        self._buf += chunk
+        events: list[SSEEvent] = []
+        while True:
+            cut = _line_end(self._buf)
+            if cut is None:
+                break
+            end, nxt = cut
+            line = self._buf[:end].decode("utf-8", errors="replace")
+            self._buf = self._buf[nxt:]
+            event = self._line(line)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def close(self) -> list[SSEEvent]:
+        """End of stream: a final event not followed by a blank line is still delivered."""
+        # A lone CR left at the end is a line end; completing it as CRLF lets feed() see it.
+        events = self.feed(b"\n") if self._buf.endswith(b"\r") else []
+        if self._buf:
+            event = self._line(self._buf.decode("utf-8", errors="replace"))
+            self._buf = b""
+            if event is not None:
+                events.append(event)
+        event = self._line("")
+        if event is not None:
+            events.append(event)
+        return events
+
+    def _line(self, line: str) -> SSEEvent | None:
+        if line == "":
+            if not self._data:
+                self._event = ""
+                return None
+            event = SSEEvent(data="\n".join(self._data), event=self._event or "message")
+            self._data = []
+            self._event = ""
+            return event
+        if line.startswith(":"):
+            return None
+        name, sep, value = line.partition(":")
+        if sep and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        return None
+
+
+def _line_end(buf: bytes) -> tuple[int, int] | None:
+    """(end of the first line, start of the next) or None when no full line is buffered.
+
+    A CR at the very end of the buffer may be the first half of CRLF, so it waits for more.
+    """
+    lf = buf.find(b"\n")
+    cr = buf.find(b"\r")
+    if cr == -1 and lf == -1:
+        return None
+    if cr == -1 or (lf != -1 and lf < cr):
+        return lf, lf + 1
+    if cr + 1 < len(buf):
+        return cr, cr + 2 if buf[cr + 1 : cr + 2] == b"\n" else cr + 1
+    return None
+
+
+# --------------------------------------------------------------------------- one request
+
+
+@dataclass
+class RequestResult:
+    """What one streaming request did, in seconds relative to the client's clock."""
+
+    index: int
+    start: float
+    end: float = 0.0
+    status: int | None = None
+    ttft: float | None = None
+    gaps: list[float] = field(default_factory=list)
+    num_chunks: int = 0
+    usage_tokens: int | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class StreamTracker:
+    """Turns the SSE events of one chat-completion stream into a RequestResult."""
+
+    def __init__(
+        self, result: RequestResult, on_first_token: Callable[[], None] | None = None
+    ) -> None:
+        self.result = result
+        self.done = False
+        self._last: float | None = None
+        self._on_first_token = on_first_token
+
+    def on_event(self, event: SSEEvent, now: float) -> None:
+        res = self.result
+        if event.data.strip() == "[DONE]":
+            self.done = True
+            return
+        try:
+            payload = json.loads(event.data)
+        except ValueError:
+            res.error = res.error or f"bad JSON in stream: {event.data[:120]!r}"
+            return
+        if event.event == "error" or (isinstance(payload, dict) and "error" in payload):
+            detail = payload.get("error", payload) if isinstance(payload, dict) else payload
+            res.error = res.error or f"error event: {str(detail)[:200]}"
+            return
+        if not isinstance(payload, dict):
+            return
+        usage = payload.get("usage")
+        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+            res.usage_tokens = usage["completion_tokens"]
+        for choice in payload.get("choices") or ():
+            if choice.get("finish_reason"):
+                res.finish_reason = choice["finish_reason"]
+            content = (choice.get("delta") or {}).get("content")
+            if not content:
+                continue
+            res.num_chunks += 1
+            if self._last is None:
+                res.ttft = now - res.start
+                if self._on_first_token is not None:
+                    self._on_first_token()
+            else:
+                res.gaps.append(now - self._last)
+            self._last = now
+
+
+def chat_body(
+    model: str, index: int, max_tokens: int, prompt: str | None, priority: str | None,
+    include_usage: bool,
+) -> dict[str, Any]:
+    """Request `index` of a run: the same prompt and seed for every server."""
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt or PROMPTS[index % len(PROMPTS)]}],
+        "max_tokens": max_tokens,
+        "temperature": 0.7,
+        "seed": BASE_SEED + index,
+        "stream": True,
+    }
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    if priority:
+        body["priority"] = priority
+    return body
+
+
+async def stream_request(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], index: int,
+    timeout_s: float, t0: float, on_first_token: Callable[[], None] | None = None,
+) -> RequestResult:
+    """Send one streaming chat completion and time its content chunks; never raises."""
+    headers = {"Accept": "text/event-stream"}
+    if body.get("priority"):
+        headers["X-Priority"] = str(body["priority"])
+    res = RequestResult(index=index, start=time.perf_counter() - t0)
+    tracker = StreamTracker(res, on_first_token)
+    parser = SSEParser()
+    timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=10)
+    try:
+        async with session.post(
+            url.rstrip("/") + "/v1/chat/completions", json=body, headers=headers, timeout=timeout
+        ) as resp:
+            res.status = resp.status
+            if resp.status != 200:
+                text = (await resp.text(errors="replace"))[:200]
+                res.error = f"HTTP {resp.status}: {text}"
+                return res
+            async for chunk in resp.content.iter_any():
+                now = time.perf_counter() - t0
+                for event in parser.feed(chunk):
+                    tracker.on_event(event, now)
+                if tracker.done:
+                    break
+            if not tracker.done:
+                for event in parser.close():
+                    tracker.on_event(event, time.perf_counter() - t0)
+            if not tracker.done and res.error is None:
+                res.error = "stream ended without [DONE]"
+    except TimeoutError:
+        res.error = f"timed out after {timeout_s:g} s"
+    except (aiohttp.ClientError, OSError) as exc:
+        res.error = f"{type(exc).__name__}: {exc}"[:200]
+    finally:
+        res.end = time.perf_counter() - t0
+    return res
+
+
+# --------------------------------------------------------------------------- a load run
+
+
+@dataclass
+class RunConfig:
+    url: str
+    model: str
+    concurrency: int
+    requests: int
+    max_tokens: int
+    prompt: str | None = None
+    priority: str | None = None
+    timeout_s: float = 300.0
+    deadline_s: float = 1800.0
+    include_usage: bool = True
+    warmup: bool = True
+
+
+def summarize(results: Sequence[RequestResult], cfg: RunConfig, wall_s: float) -> dict[str, Any]:
+    """Aggregate per-request results into the report (times in seconds)."""
+    ok = [r for r in results if r.ok]
+    total_chunks = sum(r.num_chunks for r in results)
+    usage = [r.usage_tokens for r in ok]
+    ttfts = [r.ttft for r in ok if r.ttft is not None]
+    gaps = [g for r in ok for g in r.gaps]
+    errors = [r.error for r in results if r.error]
+    return {
+        "url": cfg.url,
+        "model": cfg.model,
+        "concurrency": cfg.concurrency,
+        "requests": len(results),
+        "max_tokens": cfg.max_tokens,
+        "priority": cfg.priority,
+        "wall_s": wall_s,
+        "tokens": total_chunks,
+        "tok_s": total_chunks / wall_s if wall_s > 0 else 0.0,
+        "usage_tokens": sum(u for u in usage if u is not None) if usage and None not in usage
+        else None,
+        "ttft_p50": percentile(ttfts, 50),
+        "ttft_p95": percentile(ttfts, 95),
+        "itl_p50": percentile(gaps, 50),
+        "itl_p95": percentile(gaps, 95),
+        "errors": len(errors),
+        "error_samples": sorted(set(errors))[:5],
+        "finish_reasons": _count(r.finish_reason for r in ok),
+        "per_request": [
+            {
+                "index": r.index, "start": round(r.start, 4), "duration": round(r.end - r.start, 4),
+                "ttft": None if r.ttft is None else round(r.ttft, 4), "chunks": r.num_chunks,
+                "max_gap": round(max(r.gaps), 4) if r.gaps else None, "error": r.error,
+            }
+            for r in results
+        ],
+    }
+
+
+def _count(items: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        key = str(item)
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def _session(connections: int = 0) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections))
+
+
+async def run_load(cfg: RunConfig) -> dict[str, Any]:
+    """`concurrency` workers share `requests` streaming requests; returns summarize()."""
+    async with _session() as session:
+        if cfg.warmup:
+            body = chat_body(cfg.model, -1, WARMUP_MAX_TOKENS, cfg.prompt, cfg.priority, False)
+            warm = await stream_request(session, cfg.url, body, -1, cfg.timeout_s, 0.0)
+            if not warm.ok:
+                log.warning("warm-up request failed: %s", warm.error)
+        t0 = time.perf_counter()
+        pending = iter(range(cfg.requests))
+        results: list[RequestResult] = []
+
+        async def worker() -> None:
+            for index in pending:
+                body = chat_body(
+                    cfg.model, index, cfg.max_tokens, cfg.prompt, cfg.priority,
+                    cfg.include_usage,
+                )
+                results.append(
+                    await stream_request(session, cfg.url, body, index, cfg.timeout_s, t0)
+                )
+
+        workers = [asyncio.create_task(worker()) for _ in range(cfg.concurrency)]
+        _, late = await asyncio.wait(workers, timeout=cfg.deadline_s)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.gather(*late, return_exceptions=True)
+            done = {r.index for r in results}
+            now = time.perf_counter() - t0
+            for index in range(cfg.requests):
+                if index not in done:
+                    results.append(RequestResult(
+                        index=index, start=now, end=now,
+                        error=f"not finished within the {cfg.deadline_s:g} s deadline",
+                    ))
+    first = min((r.start for r in results), default=0.0)
+    last = max((r.end for r in results), default=0.0)
+    return summarize(sorted(results, key=lambda r: r.index), cfg, last - first)
+
+
+# --------------------------------------------------------------------------- priority test
+
+
+@dataclass
+class PriorityConfig:
+    url: str
+    model: str
+    running: int = 16
+    waiting: int = 32
+    background_max_tokens: int = 64
+    probe_max_tokens: int = 16
+    probes: int = 2
+    settle_s: float = 1.0
+    fill_timeout_s: float = 120.0
+    timeout_s: float = 300.0
+    include_usage: bool = True
+
+
+async def server_queue(session: aiohttp.ClientSession, url: str) -> dict[str, Any] | None:
+    """Running sequences and queue length from WiCore's GET /status, or None if unavailable."""
+    try:
+        async with session.get(
+            url.rstrip("/") + "/status", timeout=aiohttp.ClientTimeout(total=5)
+        ) as resp:
+            if resp.status != 200:
+                return None
+            metrics = (await resp.json(content_type=None)).get("metrics") or {}
+    except (aiohttp.ClientError, OSError, TimeoutError, ValueError, AttributeError):
+        return None
+    keys = ("running_sequences", "queue_length", "queued_by_priority")
+    return {k: metrics[k] for k in keys if k in metrics} or None
+
+
+def staggered(mean: int, index: int) -> int:
+    """A max_tokens in [mean/2, 3*mean/2) that varies with `index`, deterministically.
+
+    Identical lengths would make the background streams start and finish in lock-step
+    waves, so a probe's wait would depend on where in a wave it lands, not on the queue.
+    """
+    low = max(1, mean // 2)
+    return low + (index * 37) % max(1, mean)
+
+
+async def run_priority(cfg: PriorityConfig) -> dict[str, Any]:
+    """TTFT of urgent and normal probes under a steady load of running+waiting normal streams.
+
+    The load is a closed loop: `running + waiting` clients, each sending its next normal
+    request as soon as its last one ends, so the queue stays as deep for every probe.
+    Background lengths vary around `background_max_tokens` (see staggered()).
+    Probes alternate urgent, normal, urgent, normal... one at a time.
+    """
+    load = cfg.running + cfg.waiting
+    stop = asyncio.Event()
+    background: list[RequestResult] = []
+    streaming = 0  # background requests between their first token and their end
+    filled = asyncio.Event()
+    counter = iter(range(10_000, 10**9))
+
+    def on_first_token() -> None:
+        nonlocal streaming
+        streaming += 1
+        if streaming >= cfg.running:
+            filled.set()
+
+    async with _session() as session:
+        warm = chat_body(cfg.model, -1, WARMUP_MAX_TOKENS, None, "normal", False)
+        warm_res = await stream_request(session, cfg.url, warm, -1, cfg.timeout_s, 0.0)
+        if not warm_res.ok:
+            log.warning("warm-up request failed: %s", warm_res.error)
+        t0 = time.perf_counter()
+
+        async def client() -> None:
+            nonlocal streaming
+            while not stop.is_set():
+                index = next(counter)
+                body = chat_body(
+                    cfg.model, index, staggered(cfg.background_max_tokens, index), None,
+                    "normal", cfg.include_usage,
+                )
+                res = await stream_request(
+                    session, cfg.url, body, index, cfg.timeout_s, t0, on_first_token
+                )
+                if res.ttft is not None:
+                    streaming -= 1
+                background.append(res)
+                if not res.ok and not stop.is_set():
+                    log.warning("background request failed: %s", res.error)
+                    await asyncio.sleep(0.5)
+
+        clients = [asyncio.create_task(client()) for _ in range(load)]
+        probes: list[dict[str, Any]] = []
+        try:
+            try:
+                await asyncio.wait_for(filled.wait(), cfg.fill_timeout_s)
+            except TimeoutError:
+                log.warning("only %d of %d background streams running after %g s",
+                            streaming, cfg.running, cfg.fill_timeout_s)
+            await asyncio.sleep(cfg.settle_s)
+            for n in range(cfg.probes * 2):
+                priority = "urgent" if n % 2 == 0 else "normal"
+                index = 1000 + n
+                body = chat_body(
+                    cfg.model, index, cfg.probe_max_tokens, None, priority, cfg.include_usage
+                )
+                streaming_then = streaming
+                server_then = await server_queue(session, cfg.url)
+                res = await stream_request(session, cfg.url, body, index, cfg.timeout_s, t0)
+                probes.append({
+                    "priority": priority, "ttft": res.ttft, "latency": res.end - res.start,
+                    "streaming_at_send": streaming_then, "server_at_send": server_then,
+                    "error": res.error,
+                })
+                log.info("probe %s: ttft %s s (client saw %d streams; server: %s), error %s",
+                         priority, res.ttft, streaming_then, server_then, res.error)
+        finally:
+            stop.set()
+            for task in clients:
+                task.cancel()
+            await asyncio.gather(*clients, return_exceptions=True)
+
+    def ttfts(priority: str) -> list[float]:
+        return [p["ttft"] for p in probes if p["priority"] == priority and p["ttft"] is not None]
+
+    urgent = ttfts("urgent")
+    normal = ttfts("normal")
+    urgent_med = statistics.median(urgent) if urgent else None
+    normal_med = statistics.median(normal) if normal else None
+    bg_errors = [r.error for r in background if r.error]
+    return {
+        "url": cfg.url,
+        "running": cfg.running,
+        "waiting": cfg.waiting,
+        "probes": probes,
+        "urgent_ttft": urgent_med,
+        "normal_ttft": normal_med,
+        "normal_over_urgent": normal_med / urgent_med if urgent_med and normal_med else None,
+        "errors": sum(1 for p in probes if p["error"]),
+        "background_requests": len(background),
+        "background_errors": len(bg_errors),
+        "background_error_samples": sorted(set(bg_errors))[:5],
+    }
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        cores = psutil.cpu_count(logical=False)
+    except ImportError:
+        cores = None
+    return cores or os.cpu_count() or 1
+
+
+class ServerProcess:
+    """A server subprocess in its own process group, output logged to a file."""
+
+    def __init__(
+        self, name: str, cmd: list[str], ready_path: str, port: int, log_path: Path
+    ) -> None:
+        self.name = name
+        self.cmd = cmd
+        self.url = f"http://127.0.0.1:{port}"
+        self.ready_path = ready_path
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log.info("starting %s: %s (log: %s)", self.name, " ".join(self.cmd), self.log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen(
+                self.cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Poll the ready URL until 200; raise if the process exits or time runs out."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout_s
+        url = self.url + self.ready_path
+        async with _session() as session:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"{self.name} exited with {self.proc.returncode} before it was ready; "
+                        f"see {self.log_path}"
+                    )
+                try:
+                    async with session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as r:
+                        if r.status == 200:
+                            log.info("%s ready at %s", self.name, self.url)
+                            return
+                except (aiohttp.ClientError, OSError, TimeoutError):
+                    pass
+                await asyncio.sleep(0.5)
+        raise RuntimeError(f"{self.name} not ready within {timeout_s:g} s; see {self.log_path}")
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """SIGTERM, wait, then SIGKILL the process group (the server's own workers too)."""
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %g s; killing it", self.name, grace_s)
+                proc.kill()
+                proc.wait(10)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # leftovers in the group we created
+        except (ProcessLookupError, PermissionError):
+            pass
+        log.info("%s stopped (exit %s)", self.name, proc.returncode)
+
+
+def wicore_server(
+    model: str, threads: int, log_dir: Path, extra: Sequence[str], log_name: str = "wicore"
+) -> ServerProcess:
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "wicore_cpp", "serve", "--model", model, "--model-id", "bench",
+        "--port", str(port), "--threads", str(threads), "--rate-limit-per-minute", "0",
+        "--max-concurrent-requests", "64", "--request-timeout-s", "600", *extra,
+    ]
+    return ServerProcess("wicore", cmd, "/health", port, log_dir / f"{log_name}.log")
+
+
+def llama_cpp_server(
+    model: str, threads: int, n_ctx: int, log_dir: Path, extra: Sequence[str],
+    log_name: str = "llama-cpp-python",
+) -> ServerProcess:
+    """llama-cpp-python's server, configured as its users would for this load.
+
+    `--interrupt_requests False`: by default a waiting request cuts the streaming one short,
+    which would make it finish requests early rather than serve them. `--logits_all False`:
+    the default keeps logits for every position (an n_ctx x vocab float array) that chat
+    completions never read.
+    """
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "llama_cpp.server", "--model", model, "--model_alias", "bench",
+        "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(threads),
+        "--n_threads_batch", str(threads), "--n_ctx", str(n_ctx),
+        "--interrupt_requests", "False", "--logits_all", "False", *extra,
+    ]
+    return ServerProcess(
+        "llama-cpp-python", cmd, "/v1/models", port, log_dir / f"{log_name}.log"
+    )
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def _fmt(value: float | None, scale: float = 1.0, digits: int = 0) -> str:
+    return "-" if value is None else f"{value * scale:.{digits}f}"
+
+
+def _cancel_current_task() -> Callable[[], None]:
+    task = asyncio.current_task()
+    assert task is not None
+    return lambda: task.cancel()
+
+
+def _loadavg() -> float | None:
+    """One-minute load average (None where the platform has none)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def markdown_table(runs: Sequence[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| server | concurrency | tok/s | TTFT p50 (ms) | TTFT p95 (ms) "
+        "| ITL p50 (ms) | ITL p95 (ms) | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in runs:
+        lines.append(
+            f"| {run['server']} | {run['concurrency']} | {_fmt(run['tok_s'], digits=1)} "
+            f"| {_fmt(run['ttft_p50'], 1000)} | {_fmt(run['ttft_p95'], 1000)} "
+            f"| {_fmt(run['itl_p50'], 1000, 1)} | {_fmt(run['itl_p95'], 1000, 1)} "
+            f"| {run['errors']} |"
+        )
+    return lines
+
+
+def median_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (server, concurrency): the round with the median tokens/s (the lower of
+    the two middle ones for an even count), its errors replaced by all rounds' errors, and
+    every round's tokens/s in `rounds_tok_s`."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["server"], run["concurrency"]), []).append(run)
+    rows = []
+    for group in groups.values():
+        ordered = sorted(group, key=lambda r: r["tok_s"])
+        row = {k: v for k, v in ordered[(len(ordered) - 1) // 2].items() if k != "per_request"}
+        row["errors"] = sum(r["errors"] for r in group)
+        row["rounds_tok_s"] = [r["tok_s"] for r in group]
+        rows.append(row)
+    return rows
+
+
+def ratios(runs: Sequence[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """WiCore / llama-cpp-python tokens/s per concurrency, with PASS/MISS against TARGETS."""
+    by = {(r["server"], r["concurrency"]): r for r in runs}
+    out: dict[int, dict[str, Any]] = {}
+    for conc in sorted({r["concurrency"] for r in runs}):
+        ours, theirs = by.get(("wicore", conc)), by.get(("llama-cpp-python", conc))
+        if not ours or not theirs or not theirs["tok_s"]:
+            continue
+        ratio = ours["tok_s"] / theirs["tok_s"]
+        target = TARGETS.get(conc)
+        clean = ours["errors"] == 0 and theirs["errors"] == 0
+        verdict = None if target is None else ("PASS" if ratio >= target and clean else "MISS")
+        out[conc] = {"ratio": ratio, "target": target, "verdict": verdict}
+    return out
+
+
+def report_lines(results: dict[str, Any]) -> list[str]:
+    load = results.get("loadavg_start")
+    lines = [
+        f"model {results['model']}, {results['threads']} threads, "
+        f"max_tokens {results['max_tokens']}"
+        + (f", load average {load:.1f} at start" if load is not None else ""),
+        "",
+        *markdown_table(results["table"]),
+        "",
+    ]
+    if results.get("rounds", 1) > 1:
+        lines.append("tokens/s in each round (the table shows the median round):")
+        for row in results["table"]:
+            each = ", ".join(f"{v:.1f}" for v in row["rounds_tok_s"])
+            lines.append(f"  {row['server']} at concurrency {row['concurrency']}: {each}")
+        lines.append("")
+    for conc, r in sorted(results["ratios"].items()):
+        target = f" (target >= {r['target']:g}x: {r['verdict']})" if r["target"] else ""
+        lines.append(f"WiCore / llama-cpp-python at concurrency {conc}: {r['ratio']:.2f}x{target}")
+    pri = results.get("priority")
+    if pri:
+        lines.append(
+            f"Priority, {pri['running']} normal streams running and {pri['waiting']} waiting: "
+            f"urgent TTFT {_fmt(pri['urgent_ttft'], 1000)} ms, normal TTFT "
+            f"{_fmt(pri['normal_ttft'], 1000)} ms"
+            + (f" ({pri['normal_over_urgent']:.1f}x)" if pri["normal_over_urgent"] else "")
+            + f", errors {pri['errors']}"
+        )
+    for failure in results["failures"]:
+        lines.append(f"FAILED: {failure}")
+    return lines
+
+
+async def compare(args: argparse.Namespace) -> int:
+    model = str(Path(args.model).resolve())
+    if not Path(model).is_file():
+        log.error("model file %s not found", model)
+        return 2
+    threads = args.threads or physical_cores()
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = [(1, args.requests_1), (16, args.requests_16)]
+    results: dict[str, Any] = {
+        "model": model, "threads": threads, "max_tokens": args.max_tokens,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": [], "priority": None,
+        "rounds": args.rounds, "table": [], "ratios": {}, "failures": [],
+    }
+    results["loadavg_start"] = _loadavg()
+    if results["loadavg_start"] is not None and results["loadavg_start"] > 0.5:
+        log.warning("load average is %.1f before any server started: other work on this "
+                    "machine will skew the numbers", results["loadavg_start"])
+    # SIGTERM (e.g. a killed `make`) must still stop the server: cancel, and the finally
+    # below runs. Ctrl-C already cancels through asyncio.run.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, _cancel_current_task())
+    began = time.monotonic()
+    factories: dict[str, Callable[[int], ServerProcess]] = {}
+    if "wicore" in args.servers:
+        factories["wicore"] = lambda n: wicore_server(
+            model, threads, out_dir, args.wicore_arg, f"wicore-r{n}"
+        )
+    if "llama" in args.servers:
+        factories["llama-cpp-python"] = lambda n: llama_cpp_server(
+            model, threads, args.n_ctx, out_dir, args.llama_arg, f"llama-cpp-python-r{n}"
+        )
+    # Rounds alternate the servers, so a burst of other load on the machine hits both
+    # rather than one; the table reports each configuration's median round.
+    for n in range(args.rounds):
+        for name, factory in factories.items():
+            if any(f.startswith(name + ":") for f in results["failures"]):
+                continue
+            server = factory(n + 1)
+            try:
+                server.start()
+                await server.wait_ready(args.start_timeout)
+                for conc, requests in plan:
+                    log.info("round %d, %s: concurrency %d, %d requests", n + 1, name, conc,
+                             requests)
+                    run = await run_load(RunConfig(
+                        url=server.url, model="bench", concurrency=conc, requests=requests,
+                        max_tokens=args.max_tokens, timeout_s=args.timeout,
+                    ))
+                    run["server"] = name
+                    run["round"] = n + 1
+                    results["runs"].append(run)
+                    log.info("round %d, %s c=%d: %.1f tok/s, %d errors", n + 1, name, conc,
+                             run["tok_s"], run["errors"])
+                if name == "wicore" and n == 0 and not args.skip_priority:
+                    log.info("wicore: priority test")
+                    results["priority"] = await run_priority(PriorityConfig(
+                        url=server.url, model="bench", probes=args.probes,
+                        timeout_s=args.timeout,
+                    ))
+            except Exception as exc:  # noqa: BLE001 - one failed server must not stop the other
+                log.exception("%s failed", name)
+                results["failures"].append(f"{name}: {exc}")
+            finally:
+                server.stop()
+    results["table"] = median_runs(results["runs"])
+    results["ratios"] = ratios(results["table"])
+    results["elapsed_s"] = time.monotonic() - began
+    results["loadavg_end"] = _loadavg()
+    for line in report_lines(results):
+        emit(line)
+    emit(f"\ncompare took {results['elapsed_s']:.0f} s; logs and JSON in {out_dir}/")
+    path = out_dir / "latest.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    errors = sum(r["errors"] for r in results["runs"])
+    if results["priority"]:
+        errors += results["priority"]["errors"]
+    if results["failures"] or errors:
+        return 1
+    if args.strict and any(r["verdict"] == "MISS" for r in results["ratios"].values()):
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _print_run(report: dict[str, Any]) -> None:
+    emit(f"{report['requests']} requests, concurrency {report['concurrency']}, "
+         f"{report['tokens']} tokens in {report['wall_s']:.2f} s")
+    emit(f"aggregate tokens/s: {report['tok_s']:.1f}"
+         + (f" (usage: {report['usage_tokens']} tokens)" if report["usage_tokens"] else ""))
+    emit(f"TTFT p50/p95: {_fmt(report['ttft_p50'], 1000)} / {_fmt(report['ttft_p95'], 1000)} ms")
+    emit(f"ITL  p50/p95: {_fmt(report['itl_p50'], 1000, 1)} / "
+         f"{_fmt(report['itl_p95'], 1000, 1)} ms")
+    emit(f"errors: {report['errors']}")
+    for sample in report["error_samples"]:
+        emit(f"  {sample}")
+
+
+def _write_json(path: str | None, data: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="N concurrent streaming clients against one server")
+    run.add_argument("--url", default="http://127.0.0.1:8000")
+    run.add_argument("--model", required=True, help="model id sent in each request")
+    run.add_argument("--concurrency", type=int, default=1)
+    run.add_argument("--requests", type=int, default=8)
+    run.add_argument("--max-tokens", type=int, default=64)
+    run.add_argument("--prompt", help="one prompt for every request (default: a fixed set)")
+    run.add_argument("--priority", help="priority field and X-Priority header to send")
+    run.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
+    run.add_argument("--deadline", type=float, default=1800.0, help="whole run, seconds")
+    run.add_argument("--no-usage", action="store_true", help="omit stream_options")
+    run.add_argument("--json", metavar="OUT", help="also write the report as JSON")
+
+    pri = sub.add_parser("priority", help="urgent vs normal TTFT under load (WiCore)")
+    pri.add_argument("--url", default="http://127.0.0.1:8000")
+    pri.add_argument("--model", required=True)
+    pri.add_argument("--running", type=int, default=16)
+    pri.add_argument("--waiting", type=int, default=32)
+    pri.add_argument("--max-tokens", type=int, default=64, help="of the background requests")
+    pri.add_argument("--probes", type=int, default=2, help="urgent and normal probes each")
+    pri.add_argument("--timeout", type=float, default=300.0)
+    pri.add_argument("--json", metavar="OUT")
+
+    cmp_ = sub.add_parser("compare", help="WiCore vs llama-cpp-python's server, same model")
+    cmp_.add_argument("--model", required=True, help="GGUF file")
+    cmp_.add_argument("--threads", type=int, default=0, help="default: physical cores")
+    cmp_.add_argument("--max-tokens", type=int, default=64)
+    cmp_.add_argument("--requests-1", type=int, default=6, help="requests at concurrency 1")
+    cmp_.add_argument("--requests-16", type=int, default=48, help="requests at concurrency 16")
+    cmp_.add_argument("--probes", type=int, default=2, help="urgent and normal probes each")
+    cmp_.add_argument("--rounds", type=int, default=3,
+                      help="rounds, alternating the servers; the table shows the median")
+    cmp_.add_argument("--n-ctx", type=int, default=4096, help="llama-cpp-python's context")
+    cmp_.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
+    cmp_.add_argument("--start-timeout", type=float, default=300.0)
+    cmp_.add_argument("--servers", default="wicore,llama", help="comma list: wicore,llama")
+    cmp_.add_argument("--skip-priority", action="store_true")
+    cmp_.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    cmp_.add_argument("--out-dir", default="bench-results")
+    cmp_.add_argument("--wicore-arg", action="append", default=[], metavar="ARG",
+                      help="extra argument for `wicore serve` (repeatable)")
+    cmp_.add_argument("--llama-arg", action="append", default=[], metavar="ARG",
+                      help="extra argument for llama_cpp.server (repeatable)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+    )
+    try:
+        return _dispatch(args)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        log.warning("interrupted")
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        report = asyncio.run(run_load(RunConfig(
+            url=args.url, model=args.model, concurrency=args.concurrency,
+            requests=args.requests, max_tokens=args.max_tokens, prompt=args.prompt,
+            priority=args.priority, timeout_s=args.timeout, deadline_s=args.deadline,
+            include_usage=not args.no_usage,
+        )))
+        _print_run(report)
+        _write_json(args.json, report)
+        return 1 if report["errors"] else 0
+    if args.command == "priority":
+        report = asyncio.run(run_priority(PriorityConfig(
+            url=args.url, model=args.model, running=args.running, waiting=args.waiting,
+            background_max_tokens=args.max_tokens, probes=args.probes, timeout_s=args.timeout,
+        )))
+        emit(f"urgent TTFT: {_fmt(report['urgent_ttft'], 1000)} ms; "
+             f"normal TTFT: {_fmt(report['normal_ttft'], 1000)} ms; errors {report['errors']}")
+        _write_json(args.json, report)
+        return 1 if report["errors"] else 0
+    return asyncio.run(compare(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
