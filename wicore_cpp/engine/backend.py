@@ -240,6 +240,10 @@ class BatchContext:
         self._batch.n_tokens = self._n
         return lc.llama_decode(self.ptr, self._batch)
 
+    def logits_ready(self, batch_index: int) -> None:
+        """Settle llama.cpp's output order (its first logits read may reorder them)."""
+        lc.llama_get_logits_ith(self.ptr, batch_index)
+
     def pos_max(self, seq_id: int) -> int:
         return lc.llama_memory_seq_pos_max(self.memory, seq_id)
 

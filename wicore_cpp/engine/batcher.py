@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 from wicore_cpp.engine.backend import BatchContext, Model, Sampler
 from wicore_cpp.engine.messages import (
@@ -24,9 +25,13 @@ log = logging.getLogger("wicore.batcher")
 
 
 class ContinuousBatcher:
-    def __init__(self, model: Model, ctx: BatchContext):
+    def __init__(self, model: Model, ctx: BatchContext, sample_threads: int = 1):
         self.model = model
         self.ctx = ctx
+        # Sampling walks the whole vocabulary once per sequence (262k entries for Gemma 3),
+        # in C with the GIL released, so a step's sequences are sampled in parallel chunks.
+        self._num_chunks = max(1, sample_threads)
+        self._pool = ThreadPoolExecutor(self._num_chunks - 1) if self._num_chunks > 1 else None
         self._free_slots = deque(range(ctx.n_seq_max))
         self._pending: deque[GenerateRequest] = deque()
         self._active: dict[str, Sequence] = {}  # admission order = prefill order
@@ -117,10 +122,28 @@ class ContinuousBatcher:
                 for seq, n in progress:
                     seq.n_cached += n
         model = self.model
-        for seq, idx in to_sample:
-            token = seq.sampler.sample(ctx, idx)
+        for (seq, _), token in zip(to_sample, self._sample(to_sample), strict=True):
             seq.accept(token, model.piece(token), model.is_eog(token))
         return self._collect()
+
+    def _sample(self, to_sample: list[tuple[Sequence, int]]) -> list[int]:
+        if self._pool is None or len(to_sample) < 2:
+            return [seq.sampler.sample(self.ctx, idx) for seq, idx in to_sample]
+        # The first logits read may reorder llama.cpp's outputs: do it on this thread, so the
+        # parallel samplers below only read.
+        self.ctx.logits_ready(to_sample[0][1])
+        n = min(self._num_chunks, len(to_sample))
+        chunks = [to_sample[i::n] for i in range(n)]
+
+        def run(chunk: list[tuple[Sequence, int]]) -> list[int]:
+            return [seq.sampler.sample(self.ctx, idx) for seq, idx in chunk]
+
+        futures = [self._pool.submit(run, chunk) for chunk in chunks[1:]]
+        results = [run(chunks[0])] + [f.result() for f in futures]
+        tokens = [0] * len(to_sample)
+        for i, chunk_tokens in enumerate(results):
+            tokens[i::n] = chunk_tokens
+        return tokens
 
     def _on_decode_failure(self, rc: int, progress: list[tuple[Sequence, int]]) -> None:
         if rc == 1 and progress:

@@ -68,6 +68,7 @@ def _serve(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> None
     n_gpu_layers = config.n_gpu_layers if offload else 0
     if n_gpu_layers < 0:
         n_gpu_layers = 10**6  # llama.cpp clamps to the model's layer count
+    threads = config.threads or _physical_cores()
     try:
         model = Model(spec.model_path, n_gpu_layers=n_gpu_layers)
         ctx = BatchContext(
@@ -75,7 +76,7 @@ def _serve(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> None
             n_ctx=spec.n_ctx,
             n_batch=config.prefill_chunk,
             n_seq_max=config.max_batch_size,
-            threads=config.threads or _physical_cores(),
+            threads=threads,
             flash_attn=config.flash_attn,
         )
     except BackendError as exc:
@@ -92,7 +93,7 @@ def _serve(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> None
                     min(n_gpu_layers, model.info.n_layer), load_s,
                     os.environ.get("CUDA_VISIBLE_DEVICES"))
     )
-    batcher = ContinuousBatcher(model, ctx)
+    batcher = ContinuousBatcher(model, ctx, sample_threads=threads)
     stopping = False
     while not (stopping and batcher.is_idle):
         # Block while idle; otherwise only look at what has arrived since the last step.
