@@ -30,6 +30,7 @@ def server(demo_model_path, tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "wicore_cpp", "serve", "--model", str(demo_model_path),
          "--model-id", MODEL_ID, "--port", str(port), "--threads", "2", "--ctx-size", "8192",
+         "--flash-attn", "off",
          "--rate-limit-per-minute", "0"],
         stdout=log_path.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ),
     )
