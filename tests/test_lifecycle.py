@@ -88,7 +88,8 @@ async def rest_of_stream(lines) -> list:
 
 
 async def test_priority_levels_are_served_in_order(demo_model_path):
-    config = make_config(demo_model_path, max_batch_size=1)
+    # No urgent slot: this is the queue's order alone.
+    config = make_config(demo_model_path, max_batch_size=1, urgent_slots=0)
     async with serve_in_process(config) as served:
         (pid,) = worker_pids(served)
         order: list[str] = []
@@ -109,6 +110,28 @@ async def test_priority_levels_are_served_in_order(demo_model_path):
             assert m["queued_by_priority"] == {"low": 1, "normal": 1, "high": 1, "urgent": 1}
         await asyncio.gather(blocker, *tasks)
         assert order == ["normal", "urgent", "high", "normal", "low"]
+
+
+async def test_urgent_request_takes_the_urgent_slot_and_pauses_a_normal_stream(demo_model_path):
+    config = make_config(demo_model_path, max_batch_size=1, urgent_slots=1)
+    async with serve_in_process(config) as served:
+        resp, lines = await open_stream(served)  # normal, fills the one batch slot
+        normal = asyncio.create_task(served.chat(MSG, max_tokens=2))
+        await until(lambda: _queued_is(served, 1), what="normal request queued")
+        status, body, _ = await served.chat(MSG, max_tokens=24, priority="urgent")
+        assert status == 200 and body["usage"]["completion_tokens"] > 0
+        m = await metrics(served)
+        assert m["queue_length"] == 1  # the normal request may not use the urgent slot
+        assert m["active"] == 1  # the paused stream is still running...
+        more = 0
+        async for line in lines:  # ...and resumes once the urgent request is done
+            more += b'"content"' in line
+            if more >= 3:
+                break
+        assert more >= 3
+        resp.close()
+        status, _, _ = await normal
+        assert status == 200
 
 
 async def _running_is(served: Served, n: int) -> bool:

@@ -328,3 +328,15 @@ def test_random_operations_match_reference(seed):
     while ref.items:
         assert q.pop() == ref.pop()
     assert q.pop() is None
+
+
+def test_pop_level_takes_the_oldest_of_that_level_past_aged_requests():
+    q = PriorityRequestQueue(max_size=10, aging_s=1.0)
+    q.push("old-low", "old-low", Priority.LOW, arrival=0.0)  # aged far past urgent
+    q.push("u1", "u1", Priority.URGENT, arrival=50.0)
+    q.push("u2", "u2", Priority.URGENT, arrival=51.0)
+    assert q.pop_level(Priority.URGENT) == "u1"
+    assert q.lengths()[Priority.URGENT] == 1 and len(q) == 2
+    assert q.pop() == "old-low"  # the head itself is unchanged
+    assert q.pop_level(Priority.HIGH) is None
+    assert q.pop_level(Priority.URGENT) == "u2" and len(q) == 0

@@ -60,6 +60,11 @@ class Config(BaseModel):
     max_batch_size: int = Field(
         16, ge=1, le=256, description="Sequences one worker decodes at once."
     )
+    urgent_slots: int = Field(
+        1, ge=0, le=16, description="Extra sequence slots per worker that only urgent requests "
+        "take; the lowest-priority sequence pauses meanwhile, so a step stays within "
+        "max_batch_size.",
+    )
     prefill_chunk: int = Field(
         512, ge=16, le=8192, description="Most tokens in one decode step (long prompts are split)."
     )

@@ -25,9 +25,13 @@ log = logging.getLogger("wicore.batcher")
 
 
 class ContinuousBatcher:
-    def __init__(self, model: Model, ctx: BatchContext, sample_threads: int = 1):
+    def __init__(self, model: Model, ctx: BatchContext, max_batch_size: int | None = None,
+                 sample_threads: int = 1):
         self.model = model
         self.ctx = ctx
+        # Slots beyond max_batch_size are for urgent requests; a step still decodes at most
+        # max_batch_size sequences, pausing the lowest-priority ones.
+        self.max_batch_size = max_batch_size or ctx.n_seq_max
         # Sampling walks the whole vocabulary once per sequence (262k entries for Gemma 3),
         # in C with the GIL released, so a step's sequences are sampled in parallel chunks.
         self._num_chunks = max(1, sample_threads)
@@ -94,6 +98,12 @@ class ContinuousBatcher:
         progress: list[tuple[Sequence, int]] = []  # (seq, tokens added to the batch)
         budget = ctx.n_batch
         running = [s for s in self._active.values() if s.finish_reason is None]
+        if len(running) > self.max_batch_size:
+            # Highest priority first, then first admitted: the newest low-priority sequences
+            # wait (their KV cells stay) while urgent ones run.
+            order = {id(s): i for i, s in enumerate(running)}
+            running.sort(key=lambda s: (-s.priority, order[id(s)]))
+            running = running[: self.max_batch_size]
         for seq in running:
             if not seq.is_prefilling and budget > 0:
                 to_sample.append((seq, ctx.add(seq.last_token, seq.n_cached, seq.slot, True)))

@@ -37,6 +37,7 @@ class GenerateRequest:
     request_id: str
     prompt_tokens: list[int]
     params: SamplingParams
+    priority: int = 1  # Priority level; decides which sequence pauses for an urgent one
 
 
 @dataclass(slots=True)

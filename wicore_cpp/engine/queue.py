@@ -94,6 +94,13 @@ class PriorityRequestQueue(Generic[T]):
             return entry.item
         return None
 
+    def pop_level(self, level: Priority) -> T | None:
+        """The longest-waiting request of exactly `level`, whatever waits ahead of it."""
+        entries = [e for e in self._by_id.values() if e.level is level]
+        if not entries:
+            return None
+        return self.remove(min(entries).item_id)
+
     def remove(self, item_id: str) -> T | None:
         """Take a waiting request out (cancelled, timed out); None if it is not waiting."""
         entry = self._by_id.pop(item_id, None)

@@ -318,21 +318,30 @@ class Scheduler:
     # -- dispatch ----------------------------------------------------------------------------
 
     def _dispatch(self, pool: ModelPool) -> None:
-        cap = self.config.max_batch_size
+        batch = self.config.max_batch_size
         while len(pool.queue):
-            free = [w for w in pool.workers if w.is_ready and len(w.running) < cap]
-            if not free:
-                return
-            worker = min(free, key=lambda w: len(w.running))
-            req = pool.queue.pop()
+            ready = [w for w in pool.workers if w.is_ready]
+            free = [w for w in ready if len(w.running) < batch]
+            if free:
+                req = pool.queue.pop()
+            else:
+                # Every batch slot is busy. The urgent slots are the urgent class's own: the
+                # longest-waiting urgent request takes one even if aged requests wait ahead.
+                free = [w for w in ready if len(w.running) < batch + self.config.urgent_slots]
+                if not free:
+                    return
+                req = pool.queue.pop_level(Priority.URGENT)
             if req is None:
                 return
+            worker = min(free, key=lambda w: len(w.running))
             req.state = RequestState.RUNNING
             req.started = time.monotonic()
             req.worker = worker
             worker.running[req.request_id] = req
             self.totals.dispatched += 1
             self.totals.wait_s += req.started - req.arrival
+            log.debug("request %s (%s) to worker %d after %.3fs in the queue", req.request_id,
+                      req.priority.name.lower(), worker.worker_id, req.started - req.arrival)
             self._send(worker, req.generate)
 
     def _send(self, worker: WorkerHandle, msg: object) -> None:

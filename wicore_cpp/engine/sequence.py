@@ -16,7 +16,7 @@ class Sequence:
     """
 
     __slots__ = (
-        "request_id", "slot", "prompt", "params", "sampler", "reservation",
+        "request_id", "slot", "prompt", "params", "priority", "sampler", "reservation",
         "n_cached", "last_token", "num_generated", "finish_reason", "error",
         "_decoder", "_held", "_hold", "_out_text", "_out_tokens",
     )
@@ -26,6 +26,7 @@ class Sequence:
         self.slot = slot
         self.prompt = request.prompt_tokens
         self.params = request.params
+        self.priority = request.priority
         self.sampler = sampler
         self.reservation = reservation
         self.n_cached = 0  # tokens of this sequence already in the KV cache

@@ -75,7 +75,7 @@ def _serve(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> None
             model,
             n_ctx=spec.n_ctx,
             n_batch=config.prefill_chunk,
-            n_seq_max=config.max_batch_size,
+            n_seq_max=config.max_batch_size + config.urgent_slots,
             threads=threads,
             flash_attn=config.flash_attn,
         )
@@ -93,7 +93,8 @@ def _serve(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> None
                     min(n_gpu_layers, model.info.n_layer), load_s,
                     os.environ.get("CUDA_VISIBLE_DEVICES"))
     )
-    batcher = ContinuousBatcher(model, ctx, sample_threads=threads)
+    batcher = ContinuousBatcher(model, ctx, max_batch_size=config.max_batch_size,
+                                sample_threads=threads)
     stopping = False
     while not (stopping and batcher.is_idle):
         # Block while idle; otherwise only look at what has arrived since the last step.

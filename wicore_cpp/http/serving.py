@@ -72,7 +72,8 @@ class ChatService:
             )
         max_tokens = min(chat.requested_max_tokens(self.config.default_max_tokens), limit - len(prompt))
         request_id = new_request_id()
-        generate = GenerateRequest(request_id, prompt, chat.to_sampling_params(max_tokens))
+        generate = GenerateRequest(request_id, prompt, chat.to_sampling_params(max_tokens),
+                                   int(priority))
         req = self.scheduler.submit(model_id, generate, priority)
         log.debug("request %s: %d prompt tokens, max_tokens %d, priority %s",
                   request_id, len(prompt), max_tokens, priority.name.lower())
