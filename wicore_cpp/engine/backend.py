@@ -34,8 +34,8 @@ class BackendError(RuntimeError):
 class LlamaLog:
     """Routes llama.cpp's log lines into `logging` and remembers the last error.
 
-    llama.cpp writes partial lines (CONT) and keeps a raw pointer to the callback, so the
-    ctypes object must live as long as the process: keep this object referenced.
+    llama.cpp writes partial lines (CONT) and keeps a raw pointer to the callback for the rest
+    of the process, so there is exactly one, made by `llama_log()` and never freed.
     """
 
     def __init__(self) -> None:
@@ -60,6 +60,19 @@ class LlamaLog:
             pass
 
 
+# llama.cpp's log hook is process-global C state; the Python object behind it has to be too,
+# or a collected callback is called from C (a segfault at the next log line).
+_llama_log: LlamaLog | None = None
+
+
+def llama_log() -> LlamaLog:
+    """The process's one llama.cpp log handler, installed on first use."""
+    global _llama_log
+    if _llama_log is None:
+        _llama_log = LlamaLog()
+    return _llama_log
+
+
 @dataclass(slots=True, frozen=True)
 class ModelInfo:
     n_ctx_train: int
@@ -75,7 +88,7 @@ class Model:
     """A loaded GGUF model (or just its vocabulary) with tokenize/detokenize."""
 
     def __init__(self, path: Path, *, vocab_only: bool = False, n_gpu_layers: int = 0):
-        self.llama_log = LlamaLog()
+        self.llama_log = llama_log()
         lc.llama_backend_init()
         params = lc.llama_model_default_params()
         params.vocab_only = vocab_only
