@@ -4,16 +4,19 @@ and `curl -N`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import openai
 import pytest
 
-from tests.conftest import MODEL_ID, ROOT
+from tests.conftest import MODEL_ID, ROOT, ServerProcess, _wait_process_healthy, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -21,10 +24,6 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def server(demo_model_path, tmp_path_factory):
     """One real server process for this module's client tests."""
-    from tests.conftest import ServerProcess, _wait_process_healthy, free_port
-    import asyncio
-    import os
-
     port = free_port()
     log_path = tmp_path_factory.mktemp("e2e") / "server.log"
     proc = subprocess.Popen(
@@ -80,8 +79,6 @@ def test_openai_client_streaming_matches_non_streaming(server):
 
 
 async def test_async_openai_client_concurrent_streams(server):
-    import asyncio
-
     client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused")
 
     async def one(i: int) -> str:
@@ -156,8 +153,6 @@ def test_node_fetch_streaming_example(server, tmp_path):
     result = json.loads(out.stdout)
     assert result["chunks"] >= 3  # role, content..., finish
     # Same request without streaming gives the same text.
-    import urllib.request
-
     req = urllib.request.Request(
         server.url + "/v1/chat/completions",
         data=json.dumps({"model": MODEL_ID, "messages": [{"role": "user", "content": "写一个 JavaScript 函数"}],
