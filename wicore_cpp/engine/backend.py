@@ -23,6 +23,10 @@ log = logging.getLogger("wicore.llama")
 # ERROR 4, CONT 5. llama.cpp's INFO is hundreds of load-time lines, so it goes to DEBUG.
 _LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
 _CONT = 5
+# llama.cpp warnings that do not apply to how WiCore uses it. "n_ctx_seq > n_ctx_train": with
+# a unified KV pool llama.cpp calls the whole pool one sequence's context, but the scheduler
+# caps every sequence at the model's trained context.
+_NOT_A_WARNING = ("n_ctx_seq (",)
 _RANDOM_SEED = 0xFFFFFFFF
 _FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 
@@ -53,9 +57,12 @@ class LlamaLog:
             while "\n" in self._buffer:
                 line, self._buffer = self._buffer.split("\n", 1)
                 if line.strip():
-                    if self._level >= logging.ERROR:
+                    level = self._level
+                    if level == logging.WARNING and any(s in line for s in _NOT_A_WARNING):
+                        level = logging.DEBUG
+                    if level >= logging.ERROR:
                         self.last_error = line.strip()
-                    log.log(self._level, "%s", line.rstrip())
+                    log.log(level, "%s", line.rstrip())
         except Exception:  # noqa: BLE001 - an exception must never cross into C
             pass
 
