@@ -61,6 +61,10 @@ async def metrics(served: Served) -> dict:
     return body["metrics"]
 
 
+async def metric_is(served: Served, key: str, value) -> bool:
+    return (await metrics(served))[key] == value
+
+
 async def open_stream(served: Served, **body):
     """Start a stream and return (response, iterator) after its first content chunk."""
     body = {"messages": MSG, "max_tokens": 4000, "temperature": 0.8, "seed": 1, "stream": True,
@@ -101,11 +105,11 @@ async def test_priority_levels_are_served_in_order(demo_model_path):
 
         with frozen(pid):
             blocker = asyncio.create_task(ask("normal"))
-            await until(lambda: _running_is(served, 1), what="blocker running")
+            await until(lambda: metric_is(served, "active", 1), what="blocker running")
             tasks = []
             for level in ("low", "normal", "high", "urgent"):
                 tasks.append(asyncio.create_task(ask(level)))
-                await until(lambda n=len(tasks): _queued_is(served, n), what=f"{level} queued")
+                await until(lambda n=len(tasks): metric_is(served, "queue_length", n), what=f"{level} queued")
             m = await metrics(served)
             assert m["queued_by_priority"] == {"low": 1, "normal": 1, "high": 1, "urgent": 1}
         await asyncio.gather(blocker, *tasks)
@@ -117,7 +121,7 @@ async def test_urgent_request_takes_the_urgent_slot_and_pauses_a_normal_stream(d
     async with serve_in_process(config) as served:
         resp, lines = await open_stream(served)  # normal, fills the one batch slot
         normal = asyncio.create_task(served.chat(MSG, max_tokens=2))
-        await until(lambda: _queued_is(served, 1), what="normal request queued")
+        await until(lambda: metric_is(served, "queue_length", 1), what="normal request queued")
         status, body, _ = await served.chat(MSG, max_tokens=24, priority="urgent")
         assert status == 200 and body["usage"]["completion_tokens"] > 0
         m = await metrics(served)
@@ -134,12 +138,6 @@ async def test_urgent_request_takes_the_urgent_slot_and_pauses_a_normal_stream(d
         assert status == 200
 
 
-async def _running_is(served: Served, n: int) -> bool:
-    return (await metrics(served))["active"] == n
-
-
-async def _queued_is(served: Served, n: int) -> bool:
-    return (await metrics(served))["queue_length"] == n
 
 
 async def test_full_queue_and_concurrency_limit_give_429_with_retry_after(demo_model_path):
@@ -149,7 +147,7 @@ async def test_full_queue_and_concurrency_limit_give_429_with_retry_after(demo_m
         (pid,) = worker_pids(served)
         with frozen(pid):
             accepted = [asyncio.create_task(served.chat(MSG, max_tokens=2)) for _ in range(3)]
-            await until(lambda: _queued_is(served, 2), what="queue full")
+            await until(lambda: metric_is(served, "queue_length", 2), what="queue full")
             status, body, headers = await served.chat(MSG, max_tokens=2)
             assert status == 429
             assert body["error"]["type"] == "rate_limit_exceeded"
@@ -164,16 +162,13 @@ async def test_full_queue_and_concurrency_limit_give_429_with_retry_after(demo_m
         (pid,) = worker_pids(served)
         with frozen(pid):
             accepted = [asyncio.create_task(served.chat(MSG, max_tokens=2)) for _ in range(2)]
-            await until(lambda: _in_flight_is(served, 2), what="two in flight")
+            await until(lambda: metric_is(served, "in_flight", 2), what="two in flight")
             status, body, headers = await served.chat(MSG, max_tokens=2)
             assert status == 429 and "already active" in body["error"]["message"]
             assert "Retry-After" in headers
         assert [r[0] for r in await asyncio.gather(*accepted)] == [200, 200]
         assert (await metrics(served))["rejected"] == 1
 
-
-async def _in_flight_is(served: Served, n: int) -> bool:
-    return (await metrics(served))["in_flight"] == n
 
 
 async def test_rate_limit_per_client(demo_model_path):
@@ -209,12 +204,9 @@ async def test_timeout_of_running_stream_and_queued_request(demo_model_path):
             assert m["timed_out"] == 2 and m["queue_length"] == 0
         resp.release()
         # Once the worker runs again it frees the timed-out sequence's slot.
-        await until(lambda: _slots_free(served), what="slot freed")
+        await until(lambda: metric_is(served, "running_sequences", 0), what="slot freed")
         assert (await served.chat(MSG, max_tokens=2))[0] == 200
 
-
-async def _slots_free(served: Served) -> bool:
-    return (await metrics(served))["running_sequences"] == 0
 
 
 # -- worker death --------------------------------------------------------------------------------
@@ -228,7 +220,7 @@ async def test_killed_worker_is_replaced_and_requests_accounted_for(demo_model_p
         with frozen(pid):
             # Assigned to the frozen worker but no token produced yet.
             waiting = asyncio.create_task(served.chat(MSG, max_tokens=4))
-            await until(lambda: _running_is(served, 2), what="second request assigned")
+            await until(lambda: metric_is(served, "active", 2), what="second request assigned")
             killed_at = time.monotonic()
             os.kill(pid, signal.SIGKILL)
             # /health says so while the replacement loads.
@@ -264,7 +256,7 @@ async def test_disconnected_clients_free_their_slots(demo_model_path):
         assert (await metrics(served))["running_sequences"] == 4
         for resp, _ in streams:
             resp.close()  # drop the connection mid-stream
-        await until(lambda: _slots_free(served), timeout=3, what="slots freed")
+        await until(lambda: metric_is(served, "running_sequences", 0), timeout=3, what="slots freed")
         m = await metrics(served)
         assert m["cancelled"] == 4 and m["in_flight"] == 0
 
@@ -275,13 +267,13 @@ async def test_disconnected_clients_free_their_slots(demo_model_path):
             client = aiohttp.ClientSession()
             queued = asyncio.create_task(client.post(f"{served.url}/v1/chat/completions",
                                                      json={"messages": MSG, "max_tokens": 2}))
-            await until(lambda: _queued_is(served, 1), what="queued")
+            await until(lambda: metric_is(served, "queue_length", 1), what="queued")
             await client.close()
             queued.cancel()
-            await until(lambda: _queued_is(served, 0), timeout=3, what="queue emptied")
+            await until(lambda: metric_is(served, "queue_length", 0), timeout=3, what="queue emptied")
             for resp, _ in running:
                 resp.close()
-        await until(lambda: _slots_free(served), timeout=3, what="slots freed")
+        await until(lambda: metric_is(served, "running_sequences", 0), timeout=3, what="slots freed")
 
 
 # -- several workers, loading --------------------------------------------------------------------
