@@ -171,14 +171,12 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._mp = multiprocessing.get_context("spawn")
         self._next_worker_id = 0
-        self._idle = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start every worker; they load in the background (see `is_ready`)."""
         self._loop = asyncio.get_running_loop()
-        self._idle.set()
         for pool in self.pools.values():
             for i in range(self.config.workers):
                 gpu_ids = self.config.gpu_ids
@@ -200,14 +198,6 @@ class Scheduler:
         if not self.is_draining:
             log.info("draining: %d requests in flight", len(self._requests))
         self.is_draining = True
-
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no request is in flight; False if `timeout` passed first."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Cancel what is left, tell workers to exit, and make sure they did."""
@@ -261,7 +251,6 @@ class Scheduler:
                 f"the queue is full ({self.config.max_queue_size} waiting)", retry_after=1
             ) from None
         self._requests[req.request_id] = req
-        self._idle.clear()
         self.totals.submitted += 1
         assert self._loop is not None
         req.timer = self._loop.call_later(self.config.request_timeout_s, self._on_timeout, req)
@@ -312,8 +301,6 @@ class Scheduler:
             t.timed_out += 1
         req.events.put_nowait(event)
         del self._requests[req.request_id]
-        if not self._requests:
-            self._idle.set()
 
     # -- dispatch ----------------------------------------------------------------------------
 

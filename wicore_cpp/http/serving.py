@@ -15,16 +15,21 @@ import orjson
 from aiohttp import web
 
 from wicore_cpp.config import Config
-from wicore_cpp.engine.messages import FINISH_CANCELLED, FINISH_ERROR, GenerateRequest
+from wicore_cpp.engine.messages import GenerateRequest
 from wicore_cpp.engine.queue import Priority
-from wicore_cpp.engine.scheduler import RequestEnded, Scheduler, TokenDelta, TrackedRequest
+from wicore_cpp.engine.scheduler import (
+    FINISH_TIMEOUT,
+    RequestEnded,
+    Scheduler,
+    TokenDelta,
+    TrackedRequest,
+)
 from wicore_cpp.engine.tokenizer import PromptTokenizer
 from wicore_cpp.errors import (
     ContextLengthExceeded,
     InvalidRequest,
     ModelNotFound,
     ServiceUnavailable,
-    WicoreError,
 )
 from wicore_cpp.http.protocol import ChatCompletionRequest, ChunkEncoder, chat_completion
 
@@ -135,10 +140,7 @@ class ChatService:
 
     @staticmethod
     def _stream_end(enc: ChunkEncoder, event: RequestEnded) -> bytes:
-        """A normal end is a finish chunk; a failure mid-stream is an error event."""
-        if event.finish_reason in (FINISH_ERROR, FINISH_CANCELLED) and event.error is not None:
-            return ChunkEncoder.error(event.error.to_dict())
-        if event.finish_reason == FINISH_CANCELLED:
-            err = WicoreError("the request was cancelled")
-            return ChunkEncoder.error(err.to_dict())
-        return enc.finish(event.finish_reason)
+        """A finish chunk for a normal end or a timeout; an error event for a failure."""
+        if event.error is None or event.finish_reason == FINISH_TIMEOUT:
+            return enc.finish(event.finish_reason)
+        return ChunkEncoder.error(event.error.to_dict())
