@@ -74,8 +74,15 @@ async def test_concurrent_requests_get_the_tokens_they_get_alone(api):
         return body["choices"][0]["token_ids"]
 
     alone = [await ask(p) for p in PROMPTS]
+    _, before = await api.get("/status")
     together = await asyncio.gather(*(ask(p) for p in PROMPTS))
+    _, after = await api.get("/status")
     assert together == alone
+    # Tokens come back one message per decode step for all sequences, not one per token.
+    tokens = after["metrics"]["tokens_generated"] - before["metrics"]["tokens_generated"]
+    messages = after["metrics"]["worker_messages"] - before["metrics"]["worker_messages"]
+    assert tokens == sum(len(t) for t in together)
+    assert messages < tokens / 4, (messages, tokens)
     assert len({tuple(t) for t in alone}) == len(PROMPTS)  # prompts really differ
 
 

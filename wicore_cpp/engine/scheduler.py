@@ -136,6 +136,8 @@ class Totals:
     timed_out: int = 0
     rejected: int = 0
     dispatched: int = 0
+    step_messages: int = 0  # StepOutput messages received from workers
+    tokens_generated: int = 0
     wait_s: float = 0.0  # summed over dispatched requests
     processing_s: float = 0.0  # summed over completed requests
 
@@ -399,6 +401,7 @@ class Scheduler:
 
     def _on_step(self, worker: WorkerHandle, msg: StepOutput) -> None:
         pool = worker.pool
+        self.totals.step_messages += 1
         for request_id, text, token_ids, finish, error in msg.updates:
             req = worker.running.get(request_id)
             if req is None:
@@ -409,6 +412,7 @@ class Scheduler:
                 continue  # cancelled or timed out here; the worker's ack only freed the slot
             if token_ids or text:
                 req.num_tokens += len(token_ids)
+                self.totals.tokens_generated += len(token_ids)
                 req.events.put_nowait(TokenDelta(text, token_ids))
             if finish == FINISH_ERROR:
                 log.error("request %s failed in worker %d: %s", request_id, worker.worker_id, error)
@@ -484,6 +488,8 @@ class Scheduler:
             "success_rate": (t.completed / ended) if ended else None,
             "mean_processing_s": (t.processing_s / t.completed) if t.completed else 0.0,
             "mean_wait_s": (t.wait_s / t.dispatched) if t.dispatched else 0.0,
+            "tokens_generated": t.tokens_generated,
+            "worker_messages": t.step_messages,
             "workers": [
                 {
                     "id": w.worker_id,
