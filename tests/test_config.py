@@ -268,10 +268,7 @@ def test_config_flags_one_per_field():
 def test_build_parser_serve_flags():
     from wicore_cpp import cli
 
-    try:
-        parser = cli.build_parser()
-    except ImportError as exc:
-        pytest.skip(f"wicore_cpp.tools.quantize is not importable yet (being written): {exc}")
+    parser = cli.build_parser()
     args = parser.parse_args(
         ["serve", "--max-batch-size", "8", "--max-concurrent-requests", "8",
          "--models", '{"m": "m.gguf"}', "--rate-limit-per-minute", "0"])

@@ -17,7 +17,6 @@ import time
 import aiohttp
 import orjson
 import psutil
-import pytest
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import Served, make_config, serve_in_process
@@ -28,12 +27,8 @@ from wicore_cpp.server import check_models
 MSG = [{"role": "user", "content": "Tell me a long story about the sea."}]
 
 
-def scheduler(served: Served):
-    return served.app[STATE].scheduler
-
-
 def worker_pids(served: Served) -> list[int]:
-    return [w.process.pid for p in scheduler(served).pools.values() for w in p.workers]
+    return [w.pid for w in served.app[STATE].engine.stats().workers]
 
 
 @contextlib.contextmanager

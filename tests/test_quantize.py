@@ -31,23 +31,25 @@ import psutil
 import pytest
 
 from wicore_cpp.cli import build_parser
-from wicore_cpp.tools import quantize
-from wicore_cpp.tools.quantize_check import compare_distributions, compare_models
-from wicore_cpp.tools.quantize_log import (
-    Fallback,
-    LlamaError,
-    QuantizeLogParser,
-    TensorDone,
-    TensorStarted,
-    Totals,
-)
-from wicore_cpp.tools.quantize_plan import plan_quantization, read_model
-from wicore_cpp.tools.quantize_types import (
+from wicore_cpp.engine.llama_log import llama_log
+from wicore_cpp.gguf_file import GGUFFile, GGUFTensor, read_gguf
+from wicore_cpp.quantize import command as quantize
+from wicore_cpp.quantize.check import compare_distributions, compare_models
+from wicore_cpp.quantize.formats import (
     available_types,
     ggml_type_id,
     resolve_type,
     unknown_binding_names,
 )
+from wicore_cpp.quantize.log_events import (
+    Fallback,
+    LlamaError,
+    QuantizeLogParser,
+    SizeTotals,
+    TensorDone,
+    TensorStarted,
+)
+from wicore_cpp.quantize.plan import plan_quantization
 
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_RE = re.compile(
@@ -111,12 +113,13 @@ CASES = [("f32", "Q8_0"), ("f16", "Q4_0"), ("f16", "Q4_K_M")]
 def quantized(
     models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[tuple[str, str], tuple[Path, subprocess.CompletedProcess[str]]]:
-    """Each case of CASES quantized once, F32 -> Q8_0 with --check."""
+    """Each case of CASES quantized once; F32 -> Q8_0 and F16 -> Q4_K_M (the README's example)
+    with --check."""
     folder = tmp_path_factory.mktemp("quantized")
     results = {}
     for dtype, qtype in CASES:
         out = folder / f"demo-{qtype}-from-{dtype}.gguf"
-        extra = ["--check"] if qtype == "Q8_0" else []
+        extra = ["--check"] if qtype in ("Q8_0", "Q4_K_M") else []
         # one thread: steadier than two on a small, shared CI machine
         proc = wicore_quantize(models[dtype], out, "--type", qtype, "--threads", "1", *extra)
         results[(dtype, qtype)] = (out, proc)
@@ -144,7 +147,7 @@ def test_quantize_demo_model(
     assert types["blk.0.attn_norm.weight"] == "F32"
     assert set(types.values()) <= {"F32", "Q8_0", "Q6_K", "Q4_0", "Q4_K"}
     # The estimate made before any work matches what llama.cpp wrote, to the byte here.
-    plan = plan_quantization(read_model(models[dtype]), qtype, main_format)
+    plan = plan_quantization(read_gguf(models[dtype]), qtype, main_format)
     assert {t.name: t.dst_type for t in plan.tensors} == types
     assert abs(plan.output_bytes - out.stat().st_size) <= 256
     assert float(summary["bpw"]) == pytest.approx(plan.bpw, abs=0.01)
@@ -166,6 +169,22 @@ def test_check_prints_kl_and_top1(quantized: dict) -> None:
     assert check, proc.stdout
     assert 0 <= float(check["kl"]) < 1.0  # Q8_0 moves a distribution only a little
     assert 0 <= float(check["top1"]) <= 100 and int(check["n"]) > 50
+
+
+def test_readme_quantize_example_matches_a_fresh_run(quantized: dict) -> None:
+    """The README's `wicore quantize ... --check` example is what the command prints today."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    example = readme.split("$ wicore quantize models/gemma-3-demo.gguf", 1)[1].split("```", 1)[0]
+
+    def figures(text: str) -> list[str]:
+        # Sizes, bits per weight, KL, agreement and counts; not file names or timings.
+        lines = [line for line in text.splitlines() if line.startswith(("Q4_K_M:", "check:"))]
+        return [re.sub(r"\S+\.gguf|, [\d.]+ s\b", "", line) for line in lines]
+
+    _, proc = quantized[("f16", "Q4_K_M")]
+    assert proc.returncode == 0, proc.stderr
+    assert len(figures(example)) == 2
+    assert figures(example) == figures(proc.stdout)
 
 
 def test_check_of_a_model_against_itself_is_zero(models: dict[str, Path]) -> None:
@@ -269,7 +288,7 @@ def test_dry_run_estimates_and_writes_nothing(
     rc, stdout, _ = run_inprocess(capsys, models["f16"], out, "--type", "Q4_K_M", "--dry-run")
     assert rc == 0
     assert listing(tmp_path) == []
-    plan = plan_quantization(read_model(models["f16"]), "Q4_K_M", "Q4_K")
+    plan = plan_quantization(read_gguf(models["f16"]), "Q4_K_M", "Q4_K")
     assert "dry run, nothing written" in stdout
     assert f"{plan.bpw:.2f} bits per weight" in stdout
     assert "free in" in stdout
@@ -336,17 +355,12 @@ def test_every_binding_type_is_known_and_offered() -> None:
 def test_plan_matches_llama_cpp_dry_run_for_every_type(models: dict[str, Path]) -> None:
     """The Python port of llama.cpp's type choice agrees with llama.cpp, tensor by tensor."""
     import llama_cpp
-    from llama_cpp import _logger
 
     parser = QuantizeLogParser()
     events: list = []
-
-    @llama_cpp.llama_log_callback
-    def on_log(level: int, text: bytes, _user_data: object) -> None:
-        events.extend(parser.feed(level, text.decode()))
-
-    model = read_model(models["f16"])
-    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+    model = read_gguf(models["f16"])
+    hook = llama_log()  # the process's one llama.cpp log hook, as the quantizer child uses it
+    hook.sink = lambda level, text: events.extend(parser.feed(level, text))
     try:
         for qtype in available_types().values():
             events.clear()
@@ -360,12 +374,13 @@ def test_plan_matches_llama_cpp_dry_run_for_every_type(models: dict[str, Path]) 
             theirs = {e.name: e.dst_type.upper() for e in events if isinstance(e, TensorDone)}
             plan = plan_quantization(model, qtype.name, qtype.main_format)
             assert {t.name: t.dst_type for t in plan.tensors} == theirs, qtype.name
-            quant_mib = next(e.mib for e in events if isinstance(e, Totals) and e.which == "quant")
+            quant_mib = next(e.mib for e in events
+                             if isinstance(e, SizeTotals) and e.which == "quant")
             assert sum(t.dst_bytes for t in plan.tensors) / 2**20 == pytest.approx(
                 quant_mib, abs=0.01)
             assert bool(plan.imatrix_tensors) == qtype.needs_imatrix, qtype.name
     finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        hook.sink = None
 
 
 # --- bad input: one message, exit code 2, nothing written -----------------------------------
@@ -531,7 +546,7 @@ def test_log_parser_reassembles_pieces() -> None:
         TensorDone(1, 54, "output_norm.weight", "f32", "f32", 0.001, 0.001)
     ]
     assert parser.feed(2, "llama_model_quantize_impl: quant size  =     2.55 MiB (5.02 BPW)\n") \
-        == [Totals("quant", 2.55, 5.02)]
+        == [SizeTotals("quant", 2.55, 5.02)]
 
 
 def test_log_parser_fallbacks_and_errors() -> None:
@@ -552,15 +567,15 @@ def test_log_parser_fallbacks_and_errors() -> None:
 
 
 def test_plan_counts_fallbacks_like_llama_cpp() -> None:
-    # Not a file: ModelInfo from a tensor list with a row length K-quants cannot take.
-    from wicore_cpp.tools.quantize_plan import ModelInfo, TensorInfo
-
+    # Not a file: a GGUFFile from a tensor list with a row length K-quants cannot take.
     tensors = (
-        TensorInfo("token_embd.weight", "F16", (288, 100), 28800, 57600),
-        TensorInfo("blk.0.ffn_down.weight", "F16", (320, 288), 92160, 184320),
-        TensorInfo("blk.0.ffn_up.weight", "F16", (40, 64), 2560, 5120),
+        GGUFTensor("token_embd.weight", "F16", (288, 100), 28800, 57600),
+        GGUFTensor("blk.0.ffn_down.weight", "F16", (320, 288), 92160, 184320),
+        GGUFTensor("blk.0.ffn_up.weight", "F16", (40, 64), 2560, 5120),
     )
-    model = ModelInfo(Path("x.gguf"), "gemma3", 0, 1024, 32, 8, 4, 0, 1, tensors)
+    model = GGUFFile(Path("x.gguf"), "gemma3", size_bytes=0, header_bytes=1024, alignment=32,
+                     context_length=0, n_layer=1, n_head=8, n_head_kv=4, n_expert=0,
+                     tensors=tensors)
     plan = {t.name: t for t in plan_quantization(model, "Q4_K_M", "Q4_K").tensors}
     assert plan["token_embd.weight"].dst_type == "Q8_0"  # tied output, 288 % 256 != 0
     assert plan["blk.0.ffn_down.weight"].dst_type == "Q8_0"  # Q6_K (more bits) -> Q8_0

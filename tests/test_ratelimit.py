@@ -7,9 +7,10 @@ import re
 import pytest
 
 from wicore_cpp.engine.queue import Priority
+from wicore_cpp.engine.request import new_request_id
 from wicore_cpp.errors import InvalidRequest
+from wicore_cpp.http.lifecycle import resolve_priority
 from wicore_cpp.http.ratelimit import WINDOW_S, RateLimiter
-from wicore_cpp.http.serving import new_request_id, resolve_priority
 
 
 class FakeClock:

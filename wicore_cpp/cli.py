@@ -39,7 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from wicore_cpp.tools.quantize import run
+    from wicore_cpp.quantize.command import run
 
     return run(args)
 
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     quantize = sub.add_parser("quantize", help="quantize a GGUF model")
-    from wicore_cpp.tools.quantize import add_arguments
+    from wicore_cpp.quantize.command import add_arguments
 
     add_arguments(quantize)
     quantize.set_defaults(func=_quantize)

@@ -22,6 +22,16 @@ DEMO_MODEL_ID = "gemma-3-demo"
 DEMO_MODEL_FILE = "gemma-3-demo.gguf"
 
 
+def resolve_threads(threads: int) -> int:
+    """A `threads` setting as a count: 0 means the physical cores (hyper-threads slow
+    llama.cpp down), everywhere: the server's workers, the quantizer and its --check."""
+    if threads > 0:
+        return threads
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
 class ConfigError(ValueError):
     """The configuration is invalid; the message says which value and why."""
 

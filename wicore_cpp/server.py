@@ -11,8 +11,8 @@ import sys
 from aiohttp import web
 
 from wicore_cpp.config import Config
-from wicore_cpp.engine.gguf_file import GGUFSummary, inspect_gguf
 from wicore_cpp.errors import ModelFileError
+from wicore_cpp.gguf_file import GGUFFile, check_model_file
 from wicore_cpp.http.app import create_app
 
 log = logging.getLogger("wicore")
@@ -28,12 +28,12 @@ def configure_logging(level: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-def check_models(config: Config) -> dict[str, GGUFSummary]:
+def check_models(config: Config) -> dict[str, GGUFFile]:
     """Every served model file checked before any process starts. Raises ModelFileError."""
     models, note = config.served_models()
     if note:
         log.warning("%s", note)
-    return {model_id: inspect_gguf(path) for model_id, path in models.items()}
+    return {model_id: check_model_file(path) for model_id, path in models.items()}
 
 
 def run_server(config: Config) -> int:
@@ -50,7 +50,7 @@ def run_server(config: Config) -> int:
     return asyncio.run(_serve(config, models))
 
 
-async def _serve(config: Config, models: dict[str, GGUFSummary]) -> int:
+async def _serve(config: Config, models: dict[str, GGUFFile]) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     exit_code = 0

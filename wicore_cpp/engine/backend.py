@@ -1,32 +1,29 @@
 """llama.cpp through llama-cpp-python's low-level API: the only module that touches ctypes.
 
 Imported by worker processes and the prompt tokenizer process, never by the front end.
-Three rules of llama.cpp abort the whole process instead of returning an error (more than
-`n_batch` tokens in one decode, a sequence's positions not continuing at `pos_max + 1`, a
-`seq_id` at or above `n_seq_max`); `BatchContext.decode` checks all three before calling.
-"""
 
+What llama.cpp does with a bad batch, in this version (vendor/llama.cpp, src/llama-context.cpp
+and src/llama-batch.cpp of llama-cpp-python 0.3.36):
+- more than `n_batch` tokens in one `llama_decode` is a C assert that aborts the whole process:
+  `BatchContext.add` refuses the token before it gets there;
+- a `seq_id` outside `[0, n_seq_max)` is refused by `llama_decode` with -1; `add` checks it
+  too, because the check costs nothing there and names the culprit;
+- positions that do not continue a sequence at `pos_max + 1` are refused by `llama_decode`
+  with -1 (logged with both positions). Python does not repeat that check: it would take a
+  `llama_memory_seq_pos_max` call per sequence per step, and the batcher's positions come from
+  `n_cached`, which only moves after a successful decode. A -1 fails that step's sequences.
+"""
 from __future__ import annotations
 
 import ctypes
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp as lc
 
+from wicore_cpp.engine.llama_log import llama_log
 from wicore_cpp.engine.messages import SamplingParams
 
-log = logging.getLogger("wicore.llama")
-
-# ggml's level numbers in this version (see the notes): NONE 0, DEBUG 1, INFO 2, WARN 3,
-# ERROR 4, CONT 5. llama.cpp's INFO is hundreds of load-time lines, so it goes to DEBUG.
-_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
-_CONT = 5
-# llama.cpp warnings that do not apply to how WiCore uses it. "n_ctx_seq > n_ctx_train": with
-# a unified KV pool llama.cpp calls the whole pool one sequence's context, but the scheduler
-# caps every sequence at the model's trained context.
-_NOT_A_WARNING = ("n_ctx_seq (",)
 _RANDOM_SEED = 0xFFFFFFFF
 _FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 
@@ -35,53 +32,10 @@ class BackendError(RuntimeError):
     """llama.cpp refused: a model that does not load, a context that cannot be made."""
 
 
-class LlamaLog:
-    """Routes llama.cpp's log lines into `logging` and remembers the last error.
-
-    llama.cpp writes partial lines (CONT) and keeps a raw pointer to the callback for the rest
-    of the process, so there is exactly one, made by `llama_log()` and never freed.
-    """
-
-    def __init__(self) -> None:
-        self.last_error = ""
-        self._buffer = ""
-        self._level = logging.DEBUG
-        self._callback = lc.llama_log_callback(self._on_log)
-        lc.llama_log_set(self._callback, ctypes.c_void_p(0))
-
-    def _on_log(self, level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-        try:
-            if level != _CONT:
-                self._level = _LEVELS.get(level, logging.DEBUG)
-            self._buffer += text.decode("utf-8", errors="replace")
-            while "\n" in self._buffer:
-                line, self._buffer = self._buffer.split("\n", 1)
-                if line.strip():
-                    level = self._level
-                    if level == logging.WARNING and any(s in line for s in _NOT_A_WARNING):
-                        level = logging.DEBUG
-                    if level >= logging.ERROR:
-                        self.last_error = line.strip()
-                    log.log(level, "%s", line.rstrip())
-        except Exception:  # noqa: BLE001 - an exception must never cross into C
-            pass
-
-
-# llama.cpp's log hook is process-global C state; the Python object behind it has to be too,
-# or a collected callback is called from C (a segfault at the next log line).
-_llama_log: LlamaLog | None = None
-
-
-def llama_log() -> LlamaLog:
-    """The process's one llama.cpp log handler, installed on first use."""
-    global _llama_log
-    if _llama_log is None:
-        _llama_log = LlamaLog()
-    return _llama_log
-
-
 @dataclass(slots=True, frozen=True)
-class ModelInfo:
+class LoadedModelInfo:
+    """What llama.cpp reports about a loaded model (or vocabulary)."""
+
     n_ctx_train: int
     n_vocab: int
     n_layer: int
@@ -109,7 +63,7 @@ class Model:
         self._pieces: dict[int, bytes] = {}
         self._eog: dict[int, bool] = {}
         template = lc.llama_model_chat_template(self.ptr, None)
-        self.info = ModelInfo(
+        self.info = LoadedModelInfo(
             n_ctx_train=lc.llama_model_n_ctx_train(self.ptr),
             n_vocab=lc.llama_vocab_n_tokens(self.vocab),
             n_layer=lc.llama_model_n_layer(self.ptr),

@@ -58,7 +58,6 @@ class WorkerReady:
 
     worker_id: int
     n_ctx: int
-    n_seq_max: int
     gpu_offload: bool
     n_gpu_layers: int
     load_seconds: float

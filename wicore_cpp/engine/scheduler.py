@@ -1,23 +1,19 @@
-"""The scheduler: the one owner of every request's state, the queue, and the worker processes.
+"""The scheduler: the one owner of every request's state, and of the queue in front of the workers.
 
 It lives in the front-end process, on the event loop. Requests wait in one priority queue per
 model; a worker is handed a request only when it has a free sequence slot (workers pull as
-slots free up, so nothing waits behind one worker's backlog). One reader thread per worker
-turns that worker's StepOutput messages into per-request events on the loop, and notices at
-once (pipe EOF) when the worker process dies.
+slots free up, so nothing waits behind one worker's backlog). The worker processes themselves
+are `WorkerProcesses`'; what their messages mean for the requests is decided here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
+import dataclasses
 import logging
-import multiprocessing
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 from wicore_cpp.config import Config
 from wicore_cpp.engine.messages import (
@@ -25,121 +21,35 @@ from wicore_cpp.engine.messages import (
     FINISH_ERROR,
     CancelRequest,
     GenerateRequest,
-    Shutdown,
     StepOutput,
-    WorkerFailed,
-    WorkerReady,
 )
 from wicore_cpp.engine.queue import Priority, PriorityRequestQueue, QueueFull
-from wicore_cpp.engine.worker import WorkerSpec, worker_main
+from wicore_cpp.engine.request import (
+    FINISH_TIMEOUT,
+    RequestEnded,
+    RequestState,
+    TokenDelta,
+    TrackedRequest,
+)
+from wicore_cpp.engine.stats import EngineStats, RequestCounters
+from wicore_cpp.engine.workers import ModelFiles, WorkerHandle, WorkerProcesses
 from wicore_cpp.errors import (
     GenerationFailed,
     RateLimited,
     RequestTimeout,
     ServiceUnavailable,
-    WicoreError,
 )
 
 log = logging.getLogger("wicore.scheduler")
 
-FINISH_TIMEOUT = "timeout"
-MAX_LOAD_FAILURES = 3  # consecutive failed loads of one model before the server gives up
-
-
-class RequestState(enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    FINISHED = "finished"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    TIMED_OUT = "timed_out"
-
-    @property
-    def is_terminal(self) -> bool:
-        return self not in (RequestState.QUEUED, RequestState.RUNNING)
-
-
-@dataclass(slots=True)
-class TokenDelta:
-    """Event: text (never a split UTF-8 character, never part of a stop string) and its tokens."""
-
-    text: str
-    token_ids: list[int]
-
-
-@dataclass(slots=True)
-class RequestEnded:
-    """Event: the last one of every request. `error` is set for failures and timeouts."""
-
-    finish_reason: str
-    error: WicoreError | None = None
-
 
 @dataclass(slots=True, eq=False)
-class TrackedRequest:
-    """A request from acceptance to its end. Only the Scheduler changes `state`."""
-
-    request_id: str
-    model_id: str
-    generate: GenerateRequest
-    priority: Priority
-    arrival: float
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    state: RequestState = RequestState.QUEUED
-    worker: WorkerHandle | None = None
-    started: float | None = None
-    num_tokens: int = 0
-    timer: asyncio.TimerHandle | None = None
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.generate.prompt_tokens)
-
-
-@dataclass(slots=True, eq=False)
-class WorkerHandle:
-    worker_id: int
-    pool: ModelPool
-    process: multiprocessing.process.BaseProcess
-    cmd_conn: multiprocessing.connection.Connection
-    evt_conn: multiprocessing.connection.Connection
-    gpu_id: int | None
-    is_ready: bool = False
-    gpu_offload: bool = False
-    visible_devices: str | None = None
-    running: dict[str, TrackedRequest] = field(default_factory=dict)
-
-
-@dataclass(slots=True, eq=False)
-class ModelPool:
-    """The workers and the waiting requests of one served model."""
+class ModelQueue:
+    """The waiting requests of one served model, and how long its sequences may be."""
 
     model_id: str
-    path: Path
-    n_ctx: int
     max_seq_len: int
     queue: PriorityRequestQueue[TrackedRequest]
-    workers: list[WorkerHandle] = field(default_factory=list)
-    load_failures: int = 0
-
-    @property
-    def num_ready(self) -> int:
-        return sum(w.is_ready for w in self.workers)
-
-
-@dataclass(slots=True)
-class Totals:
-    submitted: int = 0
-    completed: int = 0
-    failed: int = 0
-    cancelled: int = 0
-    timed_out: int = 0
-    rejected: int = 0
-    dispatched: int = 0
-    step_messages: int = 0  # StepOutput messages received from workers
-    tokens_generated: int = 0
-    wait_s: float = 0.0  # summed over dispatched requests
-    processing_s: float = 0.0  # summed over completed requests
 
 
 class Scheduler:
@@ -148,52 +58,45 @@ class Scheduler:
     def __init__(
         self,
         config: Config,
-        models: dict[str, tuple[Path, int]],
+        models: dict[str, tuple[ModelFiles, int]],
         on_fatal: Callable[[str], None] | None = None,
     ):
-        """`models` maps a model id to its GGUF path and trained context length."""
+        """`models` maps a model id to its files and its trained context length."""
         self.config = config
-        self._on_fatal = on_fatal or (lambda message: None)
-        n_ctx = config.ctx_size or 32768
-        self.pools: dict[str, ModelPool] = {
-            model_id: ModelPool(
+        self.queues: dict[str, ModelQueue] = {
+            model_id: ModelQueue(
                 model_id,
-                path,
-                n_ctx,
-                max_seq_len=min(config.max_seq_len, n_ctx_train or n_ctx, n_ctx),
+                max_seq_len=min(config.max_seq_len, n_ctx_train or files.n_ctx, files.n_ctx),
                 queue=PriorityRequestQueue(config.max_queue_size, config.aging_s),
             )
-            for model_id, (path, n_ctx_train) in models.items()
+            for model_id, (files, n_ctx_train) in models.items()
         }
+        self.workers = WorkerProcesses(
+            config, {model_id: files for model_id, (files, _) in models.items()}, self,
+            on_fatal or (lambda message: None),
+        )
         self._requests: dict[str, TrackedRequest] = {}  # not yet ended
-        self.totals = Totals()
+        self.counters = RequestCounters()
         self.started_at = time.time()
         self.is_draining = False
         self._is_stopped = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._mp = multiprocessing.get_context("spawn")
-        self._next_worker_id = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start every worker; they load in the background (see `is_ready`)."""
         self._loop = asyncio.get_running_loop()
-        for pool in self.pools.values():
-            for i in range(self.config.workers):
-                gpu_ids = self.config.gpu_ids
-                self._spawn(pool, gpu_ids[i % len(gpu_ids)] if gpu_ids else None)
+        self.workers.start()
 
     @property
     def is_ready(self) -> bool:
         """Every model has at least one loaded, live worker."""
-        return not self._is_stopped and all(p.num_ready for p in self.pools.values())
+        return not self._is_stopped and all(self.workers.num_ready(m) for m in self.queues)
 
     @property
     def is_loading(self) -> bool:
-        return not self.is_ready and any(
-            not w.is_ready for p in self.pools.values() for w in p.workers
-        )
+        return not self.is_ready and self.workers.is_loading
 
     def begin_drain(self) -> None:
         """Refuse new requests from now on; those in flight go on."""
@@ -208,31 +111,19 @@ class Scheduler:
             self._end(req, RequestState.CANCELLED, RequestEnded(FINISH_CANCELLED,
                       ServiceUnavailable("the server is shutting down")))
         self._is_stopped = True
-        workers = [w for p in self.pools.values() for w in p.workers]
-        for w in workers:
-            try:
-                w.cmd_conn.send(Shutdown())
-            except OSError:
-                pass
-        deadline = time.monotonic() + grace_s
-        for w in workers:
-            await asyncio.to_thread(w.process.join, max(0.0, deadline - time.monotonic()))
-            if w.process.is_alive():
-                log.warning("worker %d did not exit; killing it", w.worker_id)
-                w.process.kill()
-                await asyncio.to_thread(w.process.join, 5)
-            w.cmd_conn.close()
-        log.info("all workers stopped")
+        await self.workers.stop(grace_s)
 
     # -- requests ----------------------------------------------------------------------------
 
-    def submit(self, model_id: str, generate: GenerateRequest, priority: Priority) -> TrackedRequest:
-        """Accept a request or raise (503 unavailable, 429 full). Never blocks."""
-        pool = self.pools[model_id]
+    def check_admission(self, model_id: str) -> None:
+        """Raise (503 draining or unavailable, 429 too many) if `model_id` takes no request now.
+
+        Cheap, so callers run it before expensive work (tokenizing) as well as at `submit`.
+        """
         if self.is_draining:
             self._reject()
             raise ServiceUnavailable("the server is shutting down", retry_after=5)
-        if not pool.num_ready:
+        if not self.workers.num_ready(model_id):
             self._reject()
             what = "loading" if self.is_loading else "unavailable (no live worker)"
             raise ServiceUnavailable(f"the model {model_id!r} is {what}", retry_after=2)
@@ -243,20 +134,24 @@ class Scheduler:
                 f"(max_concurrent_requests={self.config.max_concurrent_requests})",
                 retry_after=1,
             )
+
+    def submit(self, model_id: str, generate: GenerateRequest, priority: Priority) -> TrackedRequest:
+        """Accept a request or raise (503 unavailable, 429 full). Never blocks."""
+        self.check_admission(model_id)
         now = time.monotonic()
         req = TrackedRequest(generate.request_id, model_id, generate, priority, now)
         try:
-            pool.queue.push(req.request_id, req, priority, now)
+            self.queues[model_id].queue.push(req.request_id, req, priority, now)
         except QueueFull:
             self._reject()
             raise RateLimited(
                 f"the queue is full ({self.config.max_queue_size} waiting)", retry_after=1
             ) from None
         self._requests[req.request_id] = req
-        self.totals.submitted += 1
+        self.counters.submitted += 1
         assert self._loop is not None
         req.timer = self._loop.call_later(self.config.request_timeout_s, self._on_timeout, req)
-        self._dispatch(pool)
+        self._dispatch(model_id)
         return req
 
     def cancel(self, request_id: str) -> None:
@@ -266,7 +161,7 @@ class Scheduler:
             self._end(req, RequestState.CANCELLED, RequestEnded(FINISH_CANCELLED))
 
     def _reject(self) -> None:
-        self.totals.rejected += 1
+        self.counters.rejected += 1
 
     def _on_timeout(self, req: TrackedRequest) -> None:
         if not req.state.is_terminal:
@@ -279,129 +174,63 @@ class Scheduler:
         """The single place a request reaches a terminal state."""
         if req.state.is_terminal:
             return
-        pool = self.pools[req.model_id]
         if req.state is RequestState.QUEUED:
-            pool.queue.remove(req.request_id)
-        elif req.worker is not None and req.request_id in req.worker.running:
-            if state is not RequestState.FINISHED and state is not RequestState.FAILED:
+            self.queues[req.model_id].queue.remove(req.request_id)
+        elif state is not RequestState.FINISHED and state is not RequestState.FAILED:
+            worker = self._worker(req)
+            if worker is not None and req.request_id in worker.running:
                 # The worker frees the slot at its next step and acknowledges; until then the
                 # slot stays counted as busy so we never over-fill the worker.
-                self._send(req.worker, CancelRequest(req.request_id))
+                worker.send(CancelRequest(req.request_id))
         req.state = state
         if req.timer is not None:
             req.timer.cancel()
         now = time.monotonic()
-        t = self.totals
-        if state is RequestState.FINISHED:
-            t.completed += 1
-            t.processing_s += now - (req.started or now)
-        elif state is RequestState.FAILED:
-            t.failed += 1
-        elif state is RequestState.CANCELLED:
-            t.cancelled += 1
-        elif state is RequestState.TIMED_OUT:
-            t.timed_out += 1
+        self.counters.count_end(state, now - (req.started or now))
         req.events.put_nowait(event)
         del self._requests[req.request_id]
 
+    def _worker(self, req: TrackedRequest) -> WorkerHandle | None:
+        return next((w for w in self.workers.of_model(req.model_id)
+                     if w.worker_id == req.worker_id), None)
+
     # -- dispatch ----------------------------------------------------------------------------
 
-    def _dispatch(self, pool: ModelPool) -> None:
+    def _dispatch(self, model_id: str) -> None:
+        queue = self.queues[model_id].queue
         batch = self.config.max_batch_size
-        while len(pool.queue):
-            ready = [w for w in pool.workers if w.is_ready]
+        while len(queue):
+            ready = [w for w in self.workers.of_model(model_id) if w.is_ready]
             free = [w for w in ready if len(w.running) < batch]
             if free:
-                req = pool.queue.pop()
+                req = queue.pop()
             else:
                 # Every batch slot is busy. The urgent slots are the urgent class's own: the
                 # longest-waiting urgent request takes one even if aged requests wait ahead.
                 free = [w for w in ready if len(w.running) < batch + self.config.urgent_slots]
                 if not free:
                     return
-                req = pool.queue.pop_level(Priority.URGENT)
+                req = queue.pop_level(Priority.URGENT)
             if req is None:
                 return
             worker = min(free, key=lambda w: len(w.running))
             req.state = RequestState.RUNNING
             req.started = time.monotonic()
-            req.worker = worker
+            req.worker_id = worker.worker_id
             worker.running[req.request_id] = req
-            self.totals.dispatched += 1
-            self.totals.wait_s += req.started - req.arrival
+            self.counters.dispatched += 1
+            self.counters.wait_s += req.started - req.arrival
             log.debug("request %s (%s) to worker %d after %.3fs in the queue", req.request_id,
                       req.priority.name.lower(), worker.worker_id, req.started - req.arrival)
-            self._send(worker, req.generate)
+            worker.send(req.generate)
 
-    def _send(self, worker: WorkerHandle, msg: object) -> None:
-        try:
-            worker.cmd_conn.send(msg)
-        except OSError:
-            # The worker is dying; its reader thread reports the exit and the requests it
-            # held are put back or failed there.
-            worker.is_ready = False
+    # -- what the workers report (WorkerListener) --------------------------------------------
 
-    # -- workers -----------------------------------------------------------------------------
+    def on_worker_ready(self, worker: WorkerHandle) -> None:
+        self._dispatch(worker.model_id)
 
-    def _spawn(self, pool: ModelPool, gpu_id: int | None) -> WorkerHandle:
-        worker_id = self._next_worker_id
-        self._next_worker_id += 1
-        cmd_r, cmd_w = self._mp.Pipe(duplex=False)
-        evt_r, evt_w = self._mp.Pipe(duplex=False)
-        spec = WorkerSpec(worker_id, pool.model_id, pool.path, pool.n_ctx, self.config, gpu_id)
-        process = self._mp.Process(
-            target=worker_main, args=(spec, cmd_r, evt_w), name=f"wicore-worker-{worker_id}",
-            daemon=True,
-        )
-        process.start()
-        # Close our copies of the child's ends: the worker's death then shows up at once as
-        # EOF on evt_r, and the worker sees EOF on cmd_r if this process dies.
-        cmd_r.close()
-        evt_w.close()
-        handle = WorkerHandle(worker_id, pool, process, cmd_w, evt_r, gpu_id)
-        pool.workers.append(handle)
-        threading.Thread(
-            target=self._read_worker, args=(handle,), name=f"wicore-reader-{worker_id}", daemon=True
-        ).start()
-        log.info("started worker %d (pid %d) for %s%s", worker_id, process.pid, pool.model_id,
-                 f" on GPU {gpu_id}" if gpu_id is not None else "")
-        return handle
-
-    def _read_worker(self, handle: WorkerHandle) -> None:
-        """Reader thread: one message per decode step, handed to the loop as it is."""
-        loop = self._loop
-        assert loop is not None
-        try:
-            while True:
-                msg = handle.evt_conn.recv()
-                loop.call_soon_threadsafe(self._on_message, handle, msg)
-        except (EOFError, OSError):
-            pass
-        handle.process.join(1.0)
-        try:
-            loop.call_soon_threadsafe(self._on_worker_exit, handle)
-        except RuntimeError:
-            pass  # the loop is closed: the server is gone already
-
-    def _on_message(self, worker: WorkerHandle, msg: object) -> None:
-        if isinstance(msg, StepOutput):
-            self._on_step(worker, msg)
-        elif isinstance(msg, WorkerReady):
-            worker.is_ready = True
-            worker.gpu_offload = msg.gpu_offload
-            worker.visible_devices = msg.visible_devices
-            worker.pool.load_failures = 0
-            log.info("worker %d ready in %.1fs (n_ctx=%d, gpu offload=%s, gpu layers=%d)",
-                     msg.worker_id, msg.load_seconds, msg.n_ctx, msg.gpu_offload, msg.n_gpu_layers)
-            self._dispatch(worker.pool)
-        elif isinstance(msg, WorkerFailed):
-            log.error("worker %d could not load %s: %s", msg.worker_id, worker.pool.path, msg.message)
-            worker.pool.load_failures = MAX_LOAD_FAILURES  # a load error will not fix itself
-            self._on_fatal(msg.message)
-
-    def _on_step(self, worker: WorkerHandle, msg: StepOutput) -> None:
-        pool = worker.pool
-        self.totals.step_messages += 1
+    def on_worker_step(self, worker: WorkerHandle, msg: StepOutput) -> None:
+        self.counters.step_messages += 1
         for request_id, text, token_ids, finish, error in msg.updates:
             req = worker.running.get(request_id)
             if req is None:
@@ -412,7 +241,7 @@ class Scheduler:
                 continue  # cancelled or timed out here; the worker's ack only freed the slot
             if token_ids or text:
                 req.num_tokens += len(token_ids)
-                self.totals.tokens_generated += len(token_ids)
+                self.counters.tokens_generated += len(token_ids)
                 req.events.put_nowait(TokenDelta(text, token_ids))
             if finish == FINISH_ERROR:
                 log.error("request %s failed in worker %d: %s", request_id, worker.worker_id, error)
@@ -422,26 +251,20 @@ class Scheduler:
                 self._end(req, RequestState.CANCELLED, RequestEnded(FINISH_CANCELLED))
             elif finish is not None:
                 self._end(req, RequestState.FINISHED, RequestEnded(finish))
-        self._dispatch(pool)
+        self._dispatch(worker.model_id)
 
-    def _on_worker_exit(self, worker: WorkerHandle) -> None:
-        pool = worker.pool
-        if worker in pool.workers:
-            pool.workers.remove(worker)
-        if self._is_stopped:
-            return
+    def on_worker_lost(self, worker: WorkerHandle) -> None:
+        queue = self.queues[worker.model_id].queue
         code = worker.process.exitcode
-        log.error("worker %d (pid %s) exited unexpectedly (exit code %s) with %d requests",
-                  worker.worker_id, worker.process.pid, code, len(worker.running))
         for req in list(worker.running.values()):
             if req.state.is_terminal:
                 continue
             if req.num_tokens == 0:
                 # Nothing reached the client yet: run it again elsewhere, keeping its place.
                 req.state = RequestState.QUEUED
-                req.worker = None
+                req.worker_id = None
                 try:
-                    pool.queue.push(req.request_id, req, req.priority, req.arrival)
+                    queue.push(req.request_id, req, req.priority, req.arrival)
                     log.warning("request %s requeued after worker %d died",
                                 req.request_id, worker.worker_id)
                     continue
@@ -451,57 +274,24 @@ class Scheduler:
                       worker.worker_id)
             self._end(req, RequestState.FAILED, RequestEnded(FINISH_ERROR, GenerationFailed(
                 f"worker process {worker.worker_id} died (exit code {code}) during generation")))
-        worker.running.clear()
-        if not worker.is_ready:
-            pool.load_failures += 1
-        if pool.load_failures >= MAX_LOAD_FAILURES:
-            self._on_fatal(f"workers for {pool.model_id} keep failing to start")
-            return
-        self._spawn(pool, worker.gpu_id)
-        self._dispatch(pool)
+        self._dispatch(worker.model_id)
 
     # -- figures -----------------------------------------------------------------------------
 
-    def stats(self) -> dict:
-        """The scheduler's figures as numbers (the HTTP layer formats them)."""
-        t = self.totals
-        ended = t.completed + t.failed + t.cancelled + t.timed_out
+    def stats(self) -> EngineStats:
         queued = {level.name.lower(): 0 for level in Priority}
-        for pool in self.pools.values():
-            for level, n in pool.queue.lengths().items():
+        for mq in self.queues.values():
+            for level, n in mq.queue.lengths().items():
                 queued[level.name.lower()] += n
-        running = sum(len(w.running) for p in self.pools.values() for w in p.workers)
-        return {
-            "running": not self._is_stopped,
-            "draining": self.is_draining,
-            "total_requests": t.submitted,
-            "completed": t.completed,
-            "failed": t.failed,
-            "cancelled": t.cancelled,
-            "timed_out": t.timed_out,
-            "rejected": t.rejected,
-            "active": sum(r.state is RequestState.RUNNING for r in self._requests.values()),
-            "in_flight": len(self._requests),
-            "running_sequences": running,
-            "queue_length": sum(queued.values()),
-            "queued_by_priority": queued,
-            "success_rate": (t.completed / ended) if ended else None,
-            "mean_processing_s": (t.processing_s / t.completed) if t.completed else 0.0,
-            "mean_wait_s": (t.wait_s / t.dispatched) if t.dispatched else 0.0,
-            "tokens_generated": t.tokens_generated,
-            "worker_messages": t.step_messages,
-            "workers": [
-                {
-                    "id": w.worker_id,
-                    "model": p.model_id,
-                    "pid": w.process.pid,
-                    "ready": w.is_ready,
-                    "gpu_id": w.gpu_id,
-                    "gpu_offload": w.gpu_offload,
-                    "cuda_visible_devices": w.visible_devices,
-                    "running": len(w.running),
-                }
-                for p in self.pools.values()
-                for w in p.workers
-            ],
-        }
+        workers = list(self.workers)
+        return EngineStats(
+            is_running=not self._is_stopped,
+            is_draining=self.is_draining,
+            uptime_s=time.time() - self.started_at,
+            counters=dataclasses.replace(self.counters),
+            num_active=sum(r.state is RequestState.RUNNING for r in self._requests.values()),
+            num_in_flight=len(self._requests),
+            num_running_sequences=sum(len(w.running) for w in workers),
+            queued_by_priority=queued,
+            workers=[w.stats() for w in workers],
+        )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from wicore_cpp.config import Config
+from wicore_cpp.config import Config, resolve_threads
 from wicore_cpp.engine.messages import (
     CancelRequest,
     GenerateRequest,
@@ -68,7 +68,7 @@ def _serve(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> None
     n_gpu_layers = config.n_gpu_layers if offload else 0
     if n_gpu_layers < 0:
         n_gpu_layers = 10**6  # llama.cpp clamps to the model's layer count
-    threads = config.threads or _physical_cores()
+    threads = resolve_threads(config.threads)
     try:
         model = Model(spec.model_path, n_gpu_layers=n_gpu_layers)
         ctx = BatchContext(
@@ -89,7 +89,7 @@ def _serve(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> None
         min(n_gpu_layers, model.info.n_layer) if offload else 0,
     )
     evt_conn.send(
-        WorkerReady(spec.worker_id, ctx.n_ctx, ctx.n_seq_max, offload,
+        WorkerReady(spec.worker_id, ctx.n_ctx, offload,
                     min(n_gpu_layers, model.info.n_layer), load_s,
                     os.environ.get("CUDA_VISIBLE_DEVICES"))
     )
@@ -115,9 +115,3 @@ def _serve(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> None
     ctx.close()
     model.close()
     log.info("worker %d stopped", spec.worker_id)
-
-
-def _physical_cores() -> int:
-    import psutil
-
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1

@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import orjson
+from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from wicore_cpp.engine.messages import SamplingParams
+from wicore_cpp.engine.client import SamplingParams
 from wicore_cpp.errors import InvalidRequest
 
 MAX_STOP_SEQUENCES = 4
@@ -148,6 +149,14 @@ def _param_name(loc: tuple) -> str:
 
 
 # -- responses ---------------------------------------------------------------------------------
+
+
+def json_response(
+    body: dict, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """The one way a JSON body leaves the server (orjson, `application/json`)."""
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json",
+                        headers=headers)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

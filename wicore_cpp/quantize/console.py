@@ -95,10 +95,6 @@ class Console:
             self._clear_bar()
             print(f"{PROG}: {text}", file=self.err, flush=True)  # noqa: T201 - CLI output
 
-    def warning(self, text: str) -> None:
-        self._clear_bar()
-        print(f"{PROG}: warning: {text}", file=self.err, flush=True)  # noqa: T201 - CLI output
-
     def error(self, text: str) -> None:
         self._clear_bar()
         print(f"{PROG}: error: {text}", file=self.err, flush=True)  # noqa: T201 - CLI output

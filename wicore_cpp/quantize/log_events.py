@@ -23,8 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# ggml_log_level in this version (ggml/include/ggml.h).
-LEVEL_DEBUG, LEVEL_INFO, LEVEL_WARN, LEVEL_ERROR, LEVEL_CONT = 1, 2, 3, 4, 5
+from wicore_cpp.engine.llama_log import LEVEL_CONT, LEVEL_ERROR, LEVEL_INFO
 
 _START = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\S+),")
 _CONVERTED = re.compile(r"converting to (\S+) \.\. size =\s*([\d.]+) MiB ->\s*([\d.]+) MiB")
@@ -72,7 +71,7 @@ class Fallback:
 
 
 @dataclass(frozen=True, slots=True)
-class Totals:
+class SizeTotals:
     """llama.cpp's closing size line: `which` is "model" (input) or "quant" (output)."""
 
     which: str
@@ -88,7 +87,7 @@ class LlamaError:
     reason: str | None = None
 
 
-Event = TensorStarted | TensorDone | Fallback | Totals | LlamaError
+Event = TensorStarted | TensorDone | Fallback | SizeTotals | LlamaError
 
 
 class QuantizeLogParser:
@@ -143,7 +142,7 @@ class QuantizeLogParser:
             return [Fallback(m.group(1), int(m.group(2)), int(m.group(3)), m.group(4),
                              m.group(6))]
         if m := _TOTAL.search(line):
-            return [Totals(m.group(1), float(m.group(2)), float(m.group(3)))]
+            return [SizeTotals(m.group(1), float(m.group(2)), float(m.group(3)))]
         if level == LEVEL_ERROR and line.strip(" =\n"):
             m = _FAILED.search(line)
             return [LlamaError(line.strip(), m.group(1).strip() if m else None)]

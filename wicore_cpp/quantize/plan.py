@@ -1,8 +1,9 @@
 """Which type each tensor will get, and how big the output file will be, before any work.
 
-Read with the `gguf` package (metadata only; tensor data stays on disk), then run a Python port
-of llama.cpp's per-tensor type choice (`llama_tensor_get_type` and the functions it calls in
-vendor/llama.cpp/src/llama-quant.cpp, llama-cpp-python 0.3.36). The port covers what decides
+From the input's tensor table (read by `wicore_cpp.gguf_file`, as the server reads its
+models), a Python port of llama.cpp's per-tensor type choice (`llama_tensor_get_type` and the
+functions it calls in vendor/llama.cpp/src/llama-quant.cpp, llama-cpp-python 0.3.36). The port
+covers what decides
 the types of dense models such as Gemma 3: which tensors are quantized, the mixes (_S/_M/_L),
 the tied-embedding rule and the fallback for rows that do not divide into blocks. It leaves out
 rules that need facts the file does not carry (Llama-2-70B's attn_v bump keyed on the model
@@ -11,17 +12,11 @@ size) and GLM-5-next's own rules, so for those models it is an estimate, as its 
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import gguf
-
-from wicore_cpp.tools.quantize_types import block_layout
-
-_GGUF_MAGIC = b"GGUF"
-_LAYER_RE = re.compile(r"^blk\.(\d+)\.")
+from wicore_cpp.gguf_file import GGUFFile, GGUFTensor, layer_of
+from wicore_cpp.quantize.formats import block_layout
 
 # Never quantized although 2-D and named "...weight" (tensor_allows_quantization).
 _KEEP_SUBSTRINGS = (
@@ -52,49 +47,6 @@ _FALLBACK = {
     "Q5_K": "Q5_1",
     "Q6_K": "Q8_0",
 }
-
-
-class NotGGUFError(ValueError):
-    """The file is not a readable GGUF model."""
-
-
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
-    """One tensor as the input file describes it (ggml order: shape[0] is the row length)."""
-
-    name: str
-    ggml_type: str
-    shape: tuple[int, ...]
-    n_elements: int
-    n_bytes: int
-
-
-@dataclass(frozen=True, slots=True)
-class ModelInfo:
-    """What the type choice and the size estimate need from the input file."""
-
-    path: Path
-    arch: str
-    file_bytes: int
-    header_bytes: int  # metadata and tensor descriptions, up to the first tensor's data
-    alignment: int
-    n_head: int
-    n_head_kv: int
-    n_expert: int
-    n_layer: int
-    tensors: tuple[TensorInfo, ...]  # in llama.cpp's order (by layer, then name)
-
-    @property
-    def n_elements(self) -> int:
-        return sum(t.n_elements for t in self.tensors)
-
-    @property
-    def bpw(self) -> float:
-        return sum(t.n_bytes for t in self.tensors) * 8 / max(1, self.n_elements)
-
-    @property
-    def has_tied_embeddings(self) -> bool:
-        return not any(t.name == "output.weight" for t in self.tensors)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,59 +109,7 @@ def _pad(n: int, alignment: int) -> int:
     return (n + alignment - 1) // alignment * alignment
 
 
-def _layer_of(name: str) -> int:
-    m = _LAYER_RE.match(name)
-    return int(m.group(1)) if m else -1
-
-
-def is_gguf_file(path: Path) -> bool:
-    with path.open("rb") as f:
-        return f.read(4) == _GGUF_MAGIC
-
-
-def read_model(path: Path) -> ModelInfo:
-    """Read a GGUF file's metadata and tensor list; NotGGUFError if it is not a GGUF model."""
-    if not is_gguf_file(path):
-        raise NotGGUFError("not a GGUF file (no GGUF magic at the start)")
-    try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as exc:  # noqa: BLE001 - any parse failure means "not a usable GGUF"
-        raise NotGGUFError(f"cannot read it as GGUF (truncated or damaged?): {exc}") from exc
-
-    def field(key: str, default: int | str | None = None) -> int | str | None:
-        f = reader.get_field(key)
-        if f is None:
-            return default
-        value = f.contents()
-        return value[0] if isinstance(value, list) else value
-
-    arch = field("general.architecture")
-    if not isinstance(arch, str):
-        raise NotGGUFError("GGUF file without general.architecture: not a model")
-    tensors = []
-    for t in reader.tensors:
-        try:
-            type_name = gguf.GGMLQuantizationType(int(t.tensor_type)).name
-        except ValueError as exc:
-            raise NotGGUFError(f"tensor {t.name} has unknown type {int(t.tensor_type)}") from exc
-        tensors.append(TensorInfo(
-            name=t.name, ggml_type=type_name, shape=tuple(int(d) for d in t.shape),
-            n_elements=int(t.n_elements), n_bytes=int(t.n_bytes),
-        ))
-    tensors.sort(key=lambda t: (_layer_of(t.name), t.name))
-    if not tensors:
-        raise NotGGUFError("GGUF file without tensors")
-    n_head = int(field(f"{arch}.attention.head_count", 1) or 1)
-    return ModelInfo(
-        path=path, arch=arch, file_bytes=path.stat().st_size,
-        header_bytes=int(reader.data_offset), alignment=int(reader.alignment),
-        n_head=n_head, n_head_kv=int(field(f"{arch}.attention.head_count_kv", n_head) or n_head),
-        n_expert=int(field(f"{arch}.expert_count", 0) or 0),
-        n_layer=int(field(f"{arch}.block_count", 0) or 0), tensors=tuple(tensors),
-    )
-
-
-def _allows_quantization(t: TensorInfo, quantize_output: bool) -> bool:
+def _allows_quantization(t: GGUFTensor, quantize_output: bool) -> bool:
     n_dims = len(t.shape)
     while n_dims > 1 and t.shape[n_dims - 1] == 1:  # ggml_n_dims ignores trailing 1s
         n_dims -= 1
@@ -258,7 +158,7 @@ class _Counters:
 class _TypeChooser:
     """llama_tensor_get_type_impl for one model and one target type, counters included."""
 
-    def __init__(self, model: ModelInfo, ftype: str, default: str) -> None:
+    def __init__(self, model: GGUFFile, ftype: str, default: str) -> None:
         self.model = model
         self.ftype = ftype
         self.default = default
@@ -270,16 +170,16 @@ class _TypeChooser:
 
     def _layer(self, counter: int, name: str) -> tuple[int, int]:
         if self.model.n_expert > 1:
-            return _layer_of(name), self.model.n_layer
+            return layer_of(name), self.model.n_layer
         return counter, self.model.n_layer
 
-    def choose(self, t: TensorInfo) -> str:  # noqa: C901 - mirrors llama.cpp's branch order
+    def choose(self, t: GGUFTensor) -> str:  # noqa: C901 - mirrors llama.cpp's branch order
         ft, new, m, c = self.ftype, self.default, self.model, self.c
         cat = _category(t.name)
         is_attn_v = cat in ("attn_v", "attn_qkv")
         if cat == "output" or (m.has_tied_embeddings and cat == "token_embd"):
             qk = block_layout(new)[0]
-            if ft == "MXFP4_MOE" or m.arch == "falcon" or t.shape[0] % qk != 0:
+            if ft == "MXFP4_MOE" or m.architecture == "falcon" or t.shape[0] % qk != 0:
                 return "Q8_0"
             if ft in ("IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"):
                 return "Q5_K"
@@ -377,7 +277,7 @@ class _TypeChooser:
         return new
 
     def _ffn_down(self, new: str, i_layer: int, n_layer: int) -> str:
-        ft, m, falcon = self.ftype, self.model, self.model.arch == "falcon"
+        ft, m, falcon = self.ftype, self.model, self.model.architecture == "falcon"
         first8 = i_layer < n_layer // 8
         if ft == "Q2_K":
             return "Q3_K"
@@ -411,7 +311,7 @@ class _TypeChooser:
 
     def _attn_output(self, new: str) -> str:
         ft, m = self.ftype, self.model
-        if m.arch == "falcon":
+        if m.architecture == "falcon":
             return "Q4_K" if ft == "Q3_K_L" else new
         if m.n_expert == 8:
             bump = {"Q2_K", "IQ3_XS", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S",
@@ -421,7 +321,7 @@ class _TypeChooser:
                 "IQ3_M": "Q4_K"}.get(ft, new)
 
 
-def _fallback(t: TensorInfo, wanted: str) -> tuple[str, str | None, str | None]:
+def _fallback(t: GGUFTensor, wanted: str) -> tuple[str, str | None, str | None]:
     """tensor_type_fallback: (type used, why not `wanted`, why llama.cpp will refuse it)."""
     ncols = t.shape[0]
     block = block_layout(wanted)[0]
@@ -445,7 +345,7 @@ def _requires_imatrix(name: str, dst: str, ftype: str) -> bool:
 
 
 def plan_quantization(
-    model: ModelInfo, type_name: str, main_format: str, *, leave_output: bool = False
+    model: GGUFFile, type_name: str, main_format: str, *, leave_output: bool = False
 ) -> Plan:
     """The type llama.cpp will give each tensor for `type_name` (e.g. Q4_K_M -> main Q4_K).
 
@@ -476,6 +376,6 @@ def plan_quantization(
     return Plan(type_name, tuple(plans), header, model.alignment, model.n_elements)
 
 
-def _tensor_bytes(t: TensorInfo, ggml_type: str) -> int:
+def _tensor_bytes(t: GGUFTensor, ggml_type: str) -> int:
     block_elems, block_bytes = block_layout(ggml_type)
     return t.n_elements // block_elems * block_bytes

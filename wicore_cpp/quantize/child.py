@@ -20,16 +20,12 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from wicore_cpp.tools.quantize_log import LEVEL_ERROR, LlamaError, QuantizeLogParser
+from wicore_cpp.engine.llama_log import LEVEL_ERROR, llama_log
+from wicore_cpp.quantize.log_events import LlamaError, QuantizeLogParser
 
 _POLL_S = 0.2
 _TERMINATE_GRACE_S = 5.0
 _PR_SET_PDEATHSIG = 1
-
-# llama.cpp keeps the log callback pointer for the life of the process; if Python collected the
-# ctypes wrapper, the next log line would jump into freed memory. Module globals keep them.
-_KEEP_ALIVE: list[Any] = []
-
 
 @dataclass(frozen=True, slots=True)
 class QuantizeJob:
@@ -78,20 +74,6 @@ def _child_setup() -> None:
             os._exit(1)  # the front process died before prctl took effect
 
 
-def _install_log_callback(on_line: Callable[[int, str], None]) -> None:
-    import llama_cpp
-
-    def on_log(level: int, text: bytes | None, _user_data: Any) -> None:
-        try:
-            on_line(int(level), (text or b"").decode("utf-8", "replace"))
-        except Exception:  # noqa: BLE001 - an exception must not cross back into C
-            pass
-
-    callback = llama_cpp.llama_log_callback(on_log)
-    _KEEP_ALIVE.append(callback)
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-
-
 def quantize_main(job: QuantizeJob, conn: Connection) -> None:
     """Child entry point: quantize, sending parsed log events, then QuantizeFinished."""
     _child_setup()
@@ -103,7 +85,7 @@ def quantize_main(job: QuantizeJob, conn: Connection) -> None:
         for event in parser.feed(level, text):
             conn.send(event)
 
-    _install_log_callback(on_line)
+    llama_log().sink = on_line
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = job.ftype
     params.nthread = job.nthread
@@ -130,8 +112,8 @@ def check_main(job: CheckJob, conn: Connection) -> None:
         if level == LEVEL_ERROR and text.strip():
             errors.append(text.strip())
 
-    _install_log_callback(on_line)
-    from wicore_cpp.tools.quantize_check import compare_models
+    llama_log().sink = on_line
+    from wicore_cpp.quantize.check import compare_models
 
     try:
         result = compare_models(job.original_path, job.quantized_path, job.n_threads)

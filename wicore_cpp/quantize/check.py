@@ -8,10 +8,11 @@ memory of the bigger model, not of both.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from wicore_cpp.config import resolve_threads
 
 # Short, varied text: prose, code, arithmetic, a list, translation, and Gemma's chat format.
 PROMPTS: tuple[str, ...] = (
@@ -66,7 +67,7 @@ def _all_logits(
     """Logits at every position of every prompt; tokenizes with this model when tokens is None."""
     from llama_cpp import Llama
 
-    threads = n_threads or os.cpu_count() or 1  # 0 means all cores, as for quantizing
+    threads = resolve_threads(n_threads)
     llm = Llama(
         model_path=model_path, n_ctx=_N_CTX, n_batch=_N_CTX, n_ubatch=_N_CTX, logits_all=True,
         n_gpu_layers=0, n_threads=threads, n_threads_batch=threads, verbose=False,

@@ -23,14 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wicore_cpp.config import resolve_threads
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from wicore_cpp.tools.quantize_check import CheckResult
-    from wicore_cpp.tools.quantize_console import Console
-    from wicore_cpp.tools.quantize_plan import ModelInfo, Plan
-    from wicore_cpp.tools.quantize_types import QuantType
-    from wicore_cpp.tools.quantize_worker import QuantizeJob
+    from wicore_cpp.gguf_file import GGUFFile
+    from wicore_cpp.quantize.check import CheckResult
+    from wicore_cpp.quantize.child import QuantizeJob
+    from wicore_cpp.quantize.console import Console
+    from wicore_cpp.quantize.formats import QuantType
+    from wicore_cpp.quantize.plan import Plan
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -61,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="list the types with their bits per weight; with INPUT, also the "
                         "estimated output size of that file for each type")
     parser.add_argument("--threads", type=int, default=0, metavar="N",
-                        help="threads for quantizing and --check (default 0: all cores)")
+                        help="threads for quantizing and --check (default 0: the physical cores, "
+                        "as for `wicore serve`)")
     parser.add_argument("--allow-requantize", action="store_true",
                         help="allow an input that is already quantized (costs quality)")
     parser.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
@@ -78,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`wicore quantize`: returns the exit code."""
-    from wicore_cpp.tools.quantize_console import Console
+    from wicore_cpp.quantize.console import Console
 
     console = Console(quiet=args.quiet)
     try:
@@ -113,7 +117,7 @@ def _signals_raise() -> Iterator[None]:
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
-    from wicore_cpp.tools.quantize_types import available_types
+    from wicore_cpp.quantize.formats import available_types
 
     types = available_types()
     if args.list_types:
@@ -124,7 +128,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         raise UsageError("missing INPUT (usage: wicore quantize INPUT OUTPUT --type TYPE)")
     qtype = _resolve_type(args.qtype, types)
     if args.threads < 0:
-        raise UsageError(f"--threads must be 0 (all cores) or more, not {args.threads}")
+        raise UsageError(f"--threads must be 0 (physical cores) or more, not {args.threads}")
     if not args.output and not args.dry_run:
         raise UsageError("missing OUTPUT (usage: wicore quantize INPUT OUTPUT --type TYPE)")
     model = _read_input(args.input)
@@ -141,7 +145,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 
 
 def _resolve_type(name: str | None, types: dict[str, QuantType]) -> QuantType:
-    from wicore_cpp.tools.quantize_types import resolve_type
+    from wicore_cpp.quantize.formats import resolve_type
 
     if not name:
         raise UsageError("missing --type (e.g. --type Q4_K_M; see --list-types)")
@@ -157,8 +161,8 @@ def _resolve_type(name: str | None, types: dict[str, QuantType]) -> QuantType:
     return qtype
 
 
-def _read_input(name: str) -> ModelInfo:
-    from wicore_cpp.tools.quantize_plan import NotGGUFError, read_model
+def _read_input(name: str) -> GGUFFile:
+    from wicore_cpp.gguf_file import GGUFError, read_gguf
 
     path = Path(name)
     if not path.exists():
@@ -166,8 +170,8 @@ def _read_input(name: str) -> ModelInfo:
     if not path.is_file():
         raise UsageError(f"input is not a file: {name}")
     try:
-        return read_model(path)
-    except NotGGUFError as exc:
+        return read_gguf(path)
+    except GGUFError as exc:
         raise UsageError(f"input is not a GGUF model: {name}: {exc}") from exc
     except OSError as exc:
         raise UsageError(f"cannot read input {name}: {exc.strerror or exc}") from exc
@@ -190,8 +194,8 @@ def _check_output(args: argparse.Namespace, input_path: Path) -> Path:
     return output
 
 
-def _check_plan(args: argparse.Namespace, model: ModelInfo, qtype: QuantType) -> Plan:
-    from wicore_cpp.tools.quantize_plan import plan_quantization
+def _check_plan(args: argparse.Namespace, model: GGUFFile, qtype: QuantType) -> Plan:
+    from wicore_cpp.quantize.plan import plan_quantization
 
     plan = plan_quantization(model, qtype.name, qtype.main_format, leave_output=args.leave_output)
     if plan.impossible_tensors:
@@ -221,7 +225,7 @@ def _check_disk(plan: Plan, output: Path) -> int:
     # 1% on top: the estimate leaves out a few llama.cpp rules for models other than Gemma.
     need = int(plan.output_bytes * 1.01)
     if free < need:
-        from wicore_cpp.tools.quantize_console import format_bytes
+        from wicore_cpp.quantize.console import format_bytes
 
         raise UsageError(
             f"not enough free disk in {output.parent}: the output needs about "
@@ -234,11 +238,11 @@ def _check_disk(plan: Plan, output: Path) -> int:
 
 
 def _quantize(
-    args: argparse.Namespace, console: Console, model: ModelInfo, qtype: QuantType, plan: Plan,
+    args: argparse.Namespace, console: Console, model: GGUFFile, qtype: QuantType, plan: Plan,
     output: Path,
 ) -> int:
-    from wicore_cpp.tools.quantize_console import format_bytes
-    from wicore_cpp.tools.quantize_worker import QuantizeJob
+    from wicore_cpp.quantize.child import QuantizeJob
+    from wicore_cpp.quantize.console import format_bytes
 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial",
                                     dir=output.parent)
@@ -249,7 +253,7 @@ def _quantize(
         try:
             job = QuantizeJob(
                 input_path=str(model.path), output_path=str(tmp), ftype=qtype.ftype,
-                nthread=args.threads, allow_requantize=args.allow_requantize,
+                nthread=resolve_threads(args.threads), allow_requantize=args.allow_requantize,
                 quantize_output_tensor=not args.leave_output,
                 token_embedding_type=_kept_embedding_type(args, model),
             )
@@ -298,9 +302,9 @@ def _signals_deferred() -> Iterator[None]:
         raise Interrupted(pending[0])
 
 
-def _kept_embedding_type(args: argparse.Namespace, model: ModelInfo) -> int | None:
+def _kept_embedding_type(args: argparse.Namespace, model: GGUFFile) -> int | None:
     """With --leave-output and tied embeddings, token_embd is the output: keep its type."""
-    from wicore_cpp.tools.quantize_types import ggml_type_id
+    from wicore_cpp.quantize.formats import ggml_type_id
 
     if not (args.leave_output and model.has_tied_embeddings):
         return None
@@ -319,7 +323,7 @@ class _Outcome:
 
     @property
     def error(self) -> str | None:
-        from wicore_cpp.tools.quantize_worker import llama_error_reason
+        from wicore_cpp.quantize.child import llama_error_reason
 
         if self.rc == 0 and self.exit_code == 0:
             return None
@@ -332,8 +336,8 @@ class _Outcome:
 
 
 def _run_quantizer(job: QuantizeJob, console: Console) -> _Outcome:
-    from wicore_cpp.tools.quantize_log import TensorDone, TensorStarted
-    from wicore_cpp.tools.quantize_worker import QuantizeFinished, quantize_main, run_in_child
+    from wicore_cpp.quantize.child import QuantizeFinished, quantize_main, run_in_child
+    from wicore_cpp.quantize.log_events import TensorDone, TensorStarted
 
     outcome = _Outcome()
     start = time.monotonic()
@@ -376,17 +380,17 @@ def _publish(tmp: Path, output: Path) -> None:
         os.close(dir_fd)
 
 
-def _summary(qtype: QuantType, model: ModelInfo, output: Path, outcome: _Outcome) -> str:
-    from wicore_cpp.tools.quantize_console import (
+def _summary(qtype: QuantType, model: GGUFFile, output: Path, outcome: _Outcome) -> str:
+    from wicore_cpp.quantize.console import (
         FallbackNote,
         describe_fallbacks,
         format_bytes,
         format_duration,
     )
-    from wicore_cpp.tools.quantize_log import Fallback, Totals
+    from wicore_cpp.quantize.log_events import Fallback, SizeTotals
 
     out_bytes = output.stat().st_size
-    totals = {e.which: e for e in outcome.events if isinstance(e, Totals)}
+    totals = {e.which: e for e in outcome.events if isinstance(e, SizeTotals)}
     bpw = totals["quant"].bpw if "quant" in totals else out_bytes * 8 / model.n_elements
     fallbacks = [
         FallbackNote(e.name, e.wanted.upper(), e.used.upper(),
@@ -394,22 +398,21 @@ def _summary(qtype: QuantType, model: ModelInfo, output: Path, outcome: _Outcome
         for e in outcome.events if isinstance(e, Fallback)
     ]
     return (
-        f"{qtype.name}: {model.path.name} {format_bytes(model.file_bytes)} -> {output.name} "
+        f"{qtype.name}: {model.path.name} {format_bytes(model.size_bytes)} -> {output.name} "
         f"{format_bytes(out_bytes)}, {bpw:.2f} bits per weight, "
         f"{format_duration(outcome.seconds)}; {describe_fallbacks(fallbacks)}"
     )
 
 
 def _run_check(args: argparse.Namespace, console: Console, original: Path, output: Path) -> int:
-    from wicore_cpp.tools.quantize_check import CheckResult
-    from wicore_cpp.tools.quantize_worker import CheckFailed, CheckJob, check_main, run_in_child
+    from wicore_cpp.quantize.check import CheckResult
+    from wicore_cpp.quantize.child import CheckFailed, CheckJob, check_main, run_in_child
 
     console.note("checking: next-token distributions of both models on built-in prompts")
     results: list[CheckResult | CheckFailed] = []
     start = time.monotonic()
-    exit_code = run_in_child(
-        check_main, CheckJob(str(original), str(output), args.threads), results.append
-    )
+    job = CheckJob(str(original), str(output), resolve_threads(args.threads))
+    exit_code = run_in_child(check_main, job, results.append)
     result = results[-1] if results else None
     if not isinstance(result, CheckResult):
         why = result.message if isinstance(result, CheckFailed) else f"exit code {exit_code}"
@@ -420,7 +423,7 @@ def _run_check(args: argparse.Namespace, console: Console, original: Path, outpu
 
 
 def _check_line(result: CheckResult, seconds: float) -> str:
-    from wicore_cpp.tools.quantize_console import format_duration
+    from wicore_cpp.quantize.console import format_duration
 
     return (
         f"check: mean KL divergence {result.mean_kl:.4f} nats (max {result.max_kl:.4f}), "
@@ -433,11 +436,11 @@ def _check_line(result: CheckResult, seconds: float) -> str:
 
 
 def _print_types(
-    console: Console, types: dict[str, QuantType], model: ModelInfo | None
+    console: Console, types: dict[str, QuantType], model: GGUFFile | None
 ) -> None:
-    from wicore_cpp.tools.quantize_console import format_bytes
-    from wicore_cpp.tools.quantize_plan import plan_quantization
-    from wicore_cpp.tools.quantize_types import ALIASES
+    from wicore_cpp.quantize.console import format_bytes
+    from wicore_cpp.quantize.formats import ALIASES
+    from wicore_cpp.quantize.plan import plan_quantization
 
     plans = {q.name: plan_quantization(model, q.name, q.main_format)
              for q in types.values()} if model is not None else {}
@@ -467,14 +470,14 @@ def _print_types(
     ]
     if model is not None:
         lines.insert(0, f"Estimated sizes for {model.path.name} "
-                        f"({format_bytes(model.file_bytes)}, {model.bpw:.2f} bits per weight):")
+                        f"({format_bytes(model.size_bytes)}, {model.bpw:.2f} bits per weight):")
     console.result("\n".join(lines))
 
 
 def _print_estimate(
-    console: Console, model: ModelInfo, plan: Plan, output: Path | None, free: int | None
+    console: Console, model: GGUFFile, plan: Plan, output: Path | None, free: int | None
 ) -> None:
-    from wicore_cpp.tools.quantize_console import (
+    from wicore_cpp.quantize.console import (
         FallbackNote,
         describe_fallbacks,
         describe_type_counts,
@@ -487,10 +490,10 @@ def _print_estimate(
     ]
     lines = [
         f"dry run, nothing written: {plan.type_name} estimate",
-        f"  input:   {model.path}  {format_bytes(model.file_bytes)}, {model.bpw:.2f} bits "
+        f"  input:   {model.path}  {format_bytes(model.size_bytes)}, {model.bpw:.2f} bits "
         f"per weight, {len(model.tensors)} tensors",
         f"  output:  about {format_bytes(plan.output_bytes)}, {plan.bpw:.2f} bits per weight "
-        f"({plan.output_bytes / model.file_bytes:.0%} of the input)",
+        f"({plan.output_bytes / model.size_bytes:.0%} of the input)",
         f"  tensors: {describe_type_counts(plan.type_counts())}",
         f"  {describe_fallbacks(fallbacks)}",
     ]

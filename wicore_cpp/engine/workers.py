@@ -1,0 +1,215 @@
+"""The worker processes: spawn them, watch them, restart them when they die, stop them.
+
+Each worker has its own pair of pipes, so a worker killed mid-write cannot corrupt another
+worker's channel. One reader thread per worker hands that worker's messages (one StepOutput
+per decode step) to the event loop as they are, and notices at once (pipe EOF) when the
+process dies. What a message means for the requests is the listener's business (the
+scheduler); this module only knows processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from wicore_cpp.config import Config
+from wicore_cpp.engine.messages import Shutdown, StepOutput, WorkerFailed, WorkerReady
+from wicore_cpp.engine.request import TrackedRequest
+from wicore_cpp.engine.stats import WorkerStats
+from wicore_cpp.engine.worker import WorkerSpec, worker_main
+
+log = logging.getLogger("wicore.workers")
+
+MAX_LOAD_FAILURES = 3  # consecutive failed loads of one model before the server gives up
+
+
+@dataclass(slots=True, frozen=True)
+class ModelFiles:
+    """What a worker loads for one served model."""
+
+    path: Path
+    n_ctx: int  # the KV pool of one worker, in tokens
+
+
+@dataclass(slots=True, eq=False)
+class WorkerHandle:
+    """The front end's side of one worker process."""
+
+    worker_id: int
+    model_id: str
+    gpu_id: int | None
+    process: multiprocessing.process.BaseProcess
+    cmd_conn: multiprocessing.connection.Connection
+    evt_conn: multiprocessing.connection.Connection
+    is_ready: bool = False
+    gpu_offload: bool = False
+    visible_devices: str | None = None
+    running: dict[str, TrackedRequest] = field(default_factory=dict)  # holding a decode slot
+
+    def send(self, msg: object) -> None:
+        try:
+            self.cmd_conn.send(msg)
+        except OSError:
+            # The worker is dying; its reader thread reports the exit and the requests it
+            # held are put back or failed there.
+            self.is_ready = False
+
+    def stats(self) -> WorkerStats:
+        return WorkerStats(self.worker_id, self.model_id, self.process.pid, self.is_ready,
+                           self.gpu_id, self.gpu_offload, self.visible_devices, len(self.running))
+
+
+class WorkerListener(Protocol):
+    """What the worker processes tell their owner, always on the event loop."""
+
+    def on_worker_ready(self, worker: WorkerHandle) -> None: ...
+
+    def on_worker_step(self, worker: WorkerHandle, msg: StepOutput) -> None: ...
+
+    def on_worker_lost(self, worker: WorkerHandle) -> None:
+        """The process died unexpectedly; `worker.running` still holds its requests."""
+
+
+class WorkerProcesses:
+    """Every worker process of every served model."""
+
+    def __init__(
+        self,
+        config: Config,
+        models: dict[str, ModelFiles],
+        listener: WorkerListener,
+        on_fatal: Callable[[str], None],
+    ):
+        self.config = config
+        self.models = models
+        self._listener = listener
+        self._on_fatal = on_fatal
+        self._workers: dict[str, list[WorkerHandle]] = {model_id: [] for model_id in models}
+        self._load_failures = dict.fromkeys(models, 0)
+        self._mp = multiprocessing.get_context("spawn")
+        self._next_worker_id = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._is_stopped = False
+
+    def start(self) -> None:
+        """Start `workers` processes per model; they load in the background."""
+        self._loop = asyncio.get_running_loop()
+        gpu_ids = self.config.gpu_ids
+        for model_id in self.models:
+            for i in range(self.config.workers):
+                self._spawn(model_id, gpu_ids[i % len(gpu_ids)] if gpu_ids else None)
+
+    def of_model(self, model_id: str) -> list[WorkerHandle]:
+        return self._workers[model_id]
+
+    def __iter__(self) -> Iterator[WorkerHandle]:
+        for workers in self._workers.values():
+            yield from workers
+
+    def num_ready(self, model_id: str) -> int:
+        return sum(w.is_ready for w in self._workers[model_id])
+
+    @property
+    def is_loading(self) -> bool:
+        """Some worker is still loading its model."""
+        return any(not w.is_ready for w in self)
+
+    async def stop(self, grace_s: float) -> None:
+        """Tell every worker to exit, and make sure it did."""
+        self._is_stopped = True
+        workers = list(self)
+        for w in workers:
+            w.send(Shutdown())
+        deadline = time.monotonic() + grace_s
+        for w in workers:
+            await asyncio.to_thread(w.process.join, max(0.0, deadline - time.monotonic()))
+            if w.process.is_alive():
+                log.warning("worker %d did not exit; killing it", w.worker_id)
+                w.process.kill()
+                await asyncio.to_thread(w.process.join, 5)
+            w.cmd_conn.close()
+        log.info("all workers stopped")
+
+    def _spawn(self, model_id: str, gpu_id: int | None) -> WorkerHandle:
+        worker_id = self._next_worker_id
+        self._next_worker_id += 1
+        files = self.models[model_id]
+        cmd_r, cmd_w = self._mp.Pipe(duplex=False)
+        evt_r, evt_w = self._mp.Pipe(duplex=False)
+        spec = WorkerSpec(worker_id, model_id, files.path, files.n_ctx, self.config, gpu_id)
+        process = self._mp.Process(
+            target=worker_main, args=(spec, cmd_r, evt_w), name=f"wicore-worker-{worker_id}",
+            daemon=True,
+        )
+        process.start()
+        # Close our copies of the child's ends: the worker's death then shows up at once as
+        # EOF on evt_r, and the worker sees EOF on cmd_r if this process dies.
+        cmd_r.close()
+        evt_w.close()
+        handle = WorkerHandle(worker_id, model_id, gpu_id, process, cmd_w, evt_r)
+        self._workers[model_id].append(handle)
+        threading.Thread(
+            target=self._read, args=(handle,), name=f"wicore-reader-{worker_id}", daemon=True
+        ).start()
+        log.info("started worker %d (pid %d) for %s%s", worker_id, process.pid, model_id,
+                 f" on GPU {gpu_id}" if gpu_id is not None else "")
+        return handle
+
+    def _read(self, handle: WorkerHandle) -> None:
+        """Reader thread: one message per decode step, handed to the loop as it is."""
+        loop = self._loop
+        assert loop is not None
+        try:
+            while True:
+                msg = handle.evt_conn.recv()
+                loop.call_soon_threadsafe(self._on_message, handle, msg)
+        except (EOFError, OSError):
+            pass
+        handle.process.join(1.0)
+        try:
+            loop.call_soon_threadsafe(self._on_exit, handle)
+        except RuntimeError:
+            pass  # the loop is closed: the server is gone already
+
+    def _on_message(self, worker: WorkerHandle, msg: object) -> None:
+        if isinstance(msg, StepOutput):
+            self._listener.on_worker_step(worker, msg)
+        elif isinstance(msg, WorkerReady):
+            worker.is_ready = True
+            worker.gpu_offload = msg.gpu_offload
+            worker.visible_devices = msg.visible_devices
+            self._load_failures[worker.model_id] = 0
+            log.info("worker %d ready in %.1fs (n_ctx=%d, gpu offload=%s, gpu layers=%d)",
+                     msg.worker_id, msg.load_seconds, msg.n_ctx, msg.gpu_offload, msg.n_gpu_layers)
+            self._listener.on_worker_ready(worker)
+        elif isinstance(msg, WorkerFailed):
+            log.error("worker %d could not load %s: %s", msg.worker_id,
+                      self.models[worker.model_id].path, msg.message)
+            # A load error will not fix itself: no restarts.
+            self._load_failures[worker.model_id] = MAX_LOAD_FAILURES
+            self._on_fatal(msg.message)
+
+    def _on_exit(self, worker: WorkerHandle) -> None:
+        model_workers = self._workers[worker.model_id]
+        if worker in model_workers:
+            model_workers.remove(worker)
+        if self._is_stopped:
+            return
+        log.error("worker %d (pid %s) exited unexpectedly (exit code %s) with %d requests",
+                  worker.worker_id, worker.process.pid, worker.process.exitcode,
+                  len(worker.running))
+        self._listener.on_worker_lost(worker)
+        worker.running.clear()
+        if not worker.is_ready:
+            self._load_failures[worker.model_id] += 1
+        if self._load_failures[worker.model_id] >= MAX_LOAD_FAILURES:
+            self._on_fatal(f"workers for {worker.model_id} keep failing to start")
+            return
+        self._spawn(worker.model_id, worker.gpu_id)

@@ -1,0 +1,75 @@
+"""The request lifecycle every generating endpoint shares.
+
+Priority from the body or the `X-Priority` header, submission to the engine, the
+`X-Request-Id` header, an SSE response, and the one rule that matters most: whatever way the
+handler leaves (done, client gone, cancelled), an unfinished request gives back its queue
+place or decode slot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from wicore_cpp.engine.client import Generation, Priority, SamplingParams
+from wicore_cpp.errors import InvalidRequest
+from wicore_cpp.http.state import STATE
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+def generating(handler: Handler) -> Handler:
+    """Mark a route handler as one that generates (rate limited, API keys later)."""
+    handler.is_generating = True  # type: ignore[attr-defined]
+    return handler
+
+
+def is_generating(request: web.Request) -> bool:
+    return getattr(request.match_info.handler, "is_generating", False)
+
+
+def resolve_priority(body_value: str | None, header_value: str | None) -> Priority:
+    """Body field `priority` wins over header `X-Priority`; default normal."""
+    value = body_value if body_value is not None else header_value
+    if value is None:
+        return Priority.NORMAL
+    try:
+        return Priority.parse(value)
+    except ValueError as exc:
+        param = "priority" if body_value is not None else "X-Priority"
+        raise InvalidRequest(str(exc), param=param) from None
+
+
+@contextlib.asynccontextmanager
+async def generation(
+    request: web.Request,
+    model_id: str | None,
+    messages: list[dict[str, str]],
+    params: SamplingParams,
+    body_priority: str | None,
+) -> AsyncIterator[Generation]:
+    """Submit to the engine; on leaving, abort the request if it has not ended."""
+    engine = request.app[STATE].engine
+    priority = resolve_priority(body_priority, request.headers.get("X-Priority"))
+    gen = await engine.generate(model_id, messages, params, priority)
+    try:
+        yield gen
+    finally:
+        engine.abort(gen.request_id)
+
+
+def request_id_header(gen: Generation) -> dict[str, str]:
+    return {"X-Request-Id": gen.request_id}
+
+
+def event_stream(gen: Generation) -> web.StreamResponse:
+    """An SSE response for `gen`, to `prepare` and write to."""
+    return web.StreamResponse(headers={**SSE_HEADERS, **request_id_header(gen)})
