@@ -8,7 +8,8 @@ DEMO   := models/gemma-3-demo.gguf
 BENCH_MODEL := models/bench-gemma3-q8_0.gguf
 LLAMA_PIN := llama-cpp-python==0.3.36
 
-.PHONY: serve test bench install install-test install-bench install-cuda demo-model clean
+.PHONY: serve test bench bench-ray install install-test install-bench install-ray install-cuda \
+	demo-model clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,17 +21,23 @@ $(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -e .
 	touch $@
 
+# The tests include the Ray workers, so the test set-up installs the `ray` extra too.
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[test,ray]'
 	touch $@
 
 $(VENV)/.installed-bench: $(VENV)/.installed
 	$(BIN)/pip install -e '.[bench]'
 	touch $@
 
+$(VENV)/.installed-ray: $(VENV)/.installed
+	$(BIN)/pip install -e '.[ray]'
+	touch $@
+
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 install-bench: $(VENV)/.installed-bench
+install-ray: $(VENV)/.installed-ray
 
 $(DEMO): tools/make_model.py | $(VENV)/.installed
 	$(BIN)/python tools/make_model.py --preset demo --out $@
@@ -48,6 +55,11 @@ $(BENCH_MODEL): tools/make_model.py | $(VENV)/.installed
 
 bench: $(VENV)/.installed-bench $(BENCH_MODEL)
 	$(BIN)/python tools/bench.py compare --model $(BENCH_MODEL)
+
+# One local worker process against one Ray actor worker (a local Ray instance), 16 streams.
+bench-ray: $(VENV)/.installed-bench $(VENV)/.installed-ray $(BENCH_MODEL)
+	$(BIN)/python tools/bench.py compare --model $(BENCH_MODEL) --servers wicore,wicore-ray \
+	    --skip-priority
 
 # Rebuild llama.cpp with CUDA so `n_gpu_layers` offloads (needs nvcc on PATH).
 install-cuda: $(VENV)/.installed

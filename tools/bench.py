@@ -643,7 +643,8 @@ class ServerProcess:
 
 
 def wicore_server(
-    model: str, threads: int, log_dir: Path, extra: Sequence[str], log_name: str = "wicore"
+    model: str, threads: int, log_dir: Path, extra: Sequence[str], log_name: str = "wicore",
+    name: str = "wicore",
 ) -> ServerProcess:
     port = free_port()
     cmd = [
@@ -651,7 +652,7 @@ def wicore_server(
         "--port", str(port), "--threads", str(threads), "--rate-limit-per-minute", "0",
         "--max-concurrent-requests", "64", "--request-timeout-s", "600", *extra,
     ]
-    return ServerProcess("wicore", cmd, "/health", port, log_dir / f"{log_name}.log")
+    return ServerProcess(name, cmd, "/health", port, log_dir / f"{log_name}.log")
 
 
 def llama_cpp_server(
@@ -766,6 +767,13 @@ def report_lines(results: dict[str, Any]) -> list[str]:
     for conc, r in sorted(results["ratios"].items()):
         target = f" (target >= {r['target']:g}x: {r['verdict']})" if r["target"] else ""
         lines.append(f"WiCore / llama-cpp-python at concurrency {conc}: {r['ratio']:.2f}x{target}")
+    by = {(r["server"], r["concurrency"]): r for r in results["table"]}
+    for conc in sorted({c for s, c in by if s == "wicore-ray"}):
+        local, on_ray = by.get(("wicore", conc)), by[("wicore-ray", conc)]
+        if local and local["tok_s"]:
+            cost = 1 - on_ray["tok_s"] / local["tok_s"]
+            lines.append(f"Ray transport at concurrency {conc}: {on_ray['tok_s']:.1f} vs "
+                         f"{local['tok_s']:.1f} tok/s locally ({cost:+.1%} cost)")
     pri = results.get("priority")
     if pri:
         lines.append(
@@ -803,9 +811,16 @@ async def compare(args: argparse.Namespace) -> int:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, _cancel_current_task())
     began = time.monotonic()
     factories: dict[str, Callable[[int], ServerProcess]] = {}
-    if "wicore" in args.servers:
+    if "wicore" in args.servers.split(","):
         factories["wicore"] = lambda n: wicore_server(
             model, threads, out_dir, args.wicore_arg, f"wicore-r{n}"
+        )
+    if "wicore-ray" in args.servers.split(","):
+        # The same server with its worker as a Ray actor on a local Ray instance: what the
+        # Ray transport costs against a local worker process.
+        factories["wicore-ray"] = lambda n: wicore_server(
+            model, threads, out_dir, [*args.wicore_arg, "--ray-address", "local"],
+            f"wicore-ray-r{n}", name="wicore-ray",
         )
     if "llama" in args.servers:
         factories["llama-cpp-python"] = lambda n: llama_cpp_server(
@@ -925,7 +940,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--n-ctx", type=int, default=4096, help="llama-cpp-python's context")
     cmp_.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
     cmp_.add_argument("--start-timeout", type=float, default=300.0)
-    cmp_.add_argument("--servers", default="wicore,llama", help="comma list: wicore,llama")
+    cmp_.add_argument("--servers", default="wicore,llama",
+                      help="comma list: wicore, llama (llama-cpp-python's server), wicore-ray "
+                      "(WiCore with its worker as a Ray actor; needs the `ray` extra)")
     cmp_.add_argument("--skip-priority", action="store_true")
     cmp_.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     cmp_.add_argument("--out-dir", default="bench-results")

@@ -99,6 +99,21 @@ class Config(BaseModel):
         30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    ray_address: str | None = Field(
+        None, description="Run the workers as Ray actors on this cluster (`auto`, "
+        "`ray://head:10001`, or `local` for a Ray instance started here); absent: local "
+        "processes. Needs the `ray` extra.",
+    )
+    ray_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray resources each worker actor asks for; empty: {\"GPU\": 1} when the "
+        "cluster has GPUs, else {\"CPU\": 1}.",
+    )
+    ray_model_paths: dict[str, str] = Field(
+        default_factory=dict,
+        description="Model id -> the GGUF path Ray workers load (a shared filesystem, or a path "
+        "present on every node); missing ids use the front end's path.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -106,6 +121,11 @@ class Config(BaseModel):
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, not {self.log_level!r}")
         if self.max_batch_size > self.max_concurrent_requests:
             raise ValueError("max_batch_size cannot exceed max_concurrent_requests")
+        if self.ray_address is not None and self.gpu_ids:
+            raise ValueError("gpu_ids does not apply with ray_address: Ray assigns each worker "
+                             "its GPU (see ray_resources)")
+        if any(amount <= 0 for amount in self.ray_resources.values()):
+            raise ValueError("ray_resources amounts must be positive")
         return self
 
     def served_models(self) -> tuple[dict[str, Path], str | None]:

@@ -36,8 +36,20 @@ def check_models(config: Config) -> dict[str, GGUFFile]:
     return {model_id: check_model_file(path) for model_id, path in models.items()}
 
 
+def _has_ray() -> bool:
+    try:
+        import ray  # noqa: F401 - only whether it imports
+    except ImportError:
+        return False
+    return True
+
+
 def run_server(config: Config) -> int:
     configure_logging(config.log_level)
+    if config.ray_address is not None and not _has_ray():
+        log.error("cannot start: ray_address is set but Ray is not installed; install the "
+                  "`ray` extra: pip install 'wicore-cpp[ray]'")
+        return 2
     try:
         models = check_models(config)
     except ModelFileError as exc:

@@ -255,7 +255,6 @@ class Scheduler:
 
     def on_worker_lost(self, worker: WorkerHandle) -> None:
         queue = self.queues[worker.model_id].queue
-        code = worker.process.exitcode
         for req in list(worker.running.values()):
             if req.state.is_terminal:
                 continue
@@ -273,7 +272,8 @@ class Scheduler:
             log.error("request %s failed: worker %d died mid-stream", req.request_id,
                       worker.worker_id)
             self._end(req, RequestState.FAILED, RequestEnded(FINISH_ERROR, GenerationFailed(
-                f"worker process {worker.worker_id} died (exit code {code}) during generation")))
+                f"worker process {worker.worker_id} died ({worker.exit_reason()}) during "
+                "generation")))
         self._dispatch(worker.model_id)
 
     # -- figures -----------------------------------------------------------------------------

@@ -50,6 +50,7 @@ class WorkerStats:
     gpu_offload: bool
     visible_devices: str | None  # CUDA_VISIBLE_DEVICES as the worker sees it
     num_running: int
+    node: str | None = None  # the Ray node it runs on; None for a local process
 
 
 @dataclass(slots=True, frozen=True)

@@ -1,8 +1,10 @@
-"""The worker process: loads the model once, then decodes whatever the scheduler hands it.
+"""The worker: loads the model once, then decodes whatever the scheduler hands it.
 
 Commands arrive on `cmd_conn` (GenerateRequest, CancelRequest, Shutdown) and are read between
-decode steps; each step's results leave on `evt_conn` as one StepOutput. Each worker has its
-own pair of pipes, so a worker killed mid-write cannot corrupt another worker's channel.
+decode steps; each step's results leave on `evt_conn` as one StepOutput. A local worker is a
+process with its own pair of pipes (so a worker killed mid-write cannot corrupt another
+worker's channel); a Ray actor runs the same loop over in-memory channels with the same
+`poll` / `recv` / `send` methods (engine/ray_workers.py).
 """
 
 from __future__ import annotations
@@ -53,12 +55,13 @@ def worker_main(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) ->
         format=f"%(asctime)s %(levelname)s worker-{spec.worker_id} %(name)s: %(message)s",
     )
     try:
-        _serve(spec, cmd_conn, evt_conn)
+        run_worker(spec, cmd_conn, evt_conn)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         log.info("front end went away; worker %d exits", spec.worker_id)
 
 
-def _serve(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> None:
+def run_worker(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> None:
+    """Load, report ready (or failed), then serve commands until Shutdown and idle."""
     from wicore_cpp.engine.backend import BackendError, BatchContext, Model, supports_gpu_offload
     from wicore_cpp.engine.batcher import ContinuousBatcher
 

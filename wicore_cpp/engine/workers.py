@@ -15,7 +15,7 @@ import multiprocessing
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -38,32 +38,150 @@ class ModelFiles:
     n_ctx: int  # the KV pool of one worker, in tokens
 
 
-@dataclass(slots=True, eq=False)
 class WorkerHandle:
-    """The front end's side of one worker process."""
+    """The front end's side of one worker, wherever it runs (a local process, a Ray actor).
 
-    worker_id: int
-    model_id: str
-    gpu_id: int | None
-    process: multiprocessing.process.BaseProcess
-    cmd_conn: multiprocessing.connection.Connection
-    evt_conn: multiprocessing.connection.Connection
-    is_ready: bool = False
-    gpu_offload: bool = False
-    visible_devices: str | None = None
-    running: dict[str, TrackedRequest] = field(default_factory=dict)  # holding a decode slot
+    Only the event loop changes the state here, except `receive`, which the worker's reader
+    thread calls.
+    """
+
+    def __init__(self, worker_id: int, model_id: str, gpu_id: int | None):
+        self.worker_id = worker_id
+        self.model_id = model_id
+        self.gpu_id = gpu_id
+        self.is_ready = False
+        self.gpu_offload = False
+        self.visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES as the worker sees it
+        self.node: str | None = None  # where it runs, when that is not this machine
+        self.running: dict[str, TrackedRequest] = {}  # requests holding a decode slot
+
+    def send(self, msg: object) -> None:
+        """Hand the worker a command; never blocks, never raises (a dead worker is noticed by
+        its reader thread)."""
+        raise NotImplementedError
+
+    def receive(self) -> object:
+        """The worker's next message (one per decode step); EOFError once the worker is gone."""
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int | None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """Which worker this is, for logs (e.g. "pid 1234")."""
+        raise NotImplementedError
+
+    def exit_reason(self) -> str:
+        """How the worker ended, for logs and error messages (e.g. "exit code -9")."""
+        raise NotImplementedError
+
+    def reap(self) -> None:
+        """After `receive` said EOF: wait briefly for the worker to be fully gone."""
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the worker to exit; True if it has."""
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the front end holds for this worker, after it exited or was killed."""
+
+    def stats(self) -> WorkerStats:
+        return WorkerStats(self.worker_id, self.model_id, self.pid, self.is_ready, self.gpu_id,
+                           self.gpu_offload, self.visible_devices, len(self.running), self.node)
+
+
+class ProcessWorker(WorkerHandle):
+    """A worker process on this machine, with its own pair of pipes."""
+
+    def __init__(self, spec: WorkerSpec, process: multiprocessing.process.BaseProcess,
+                 cmd_conn: multiprocessing.connection.Connection,
+                 evt_conn: multiprocessing.connection.Connection):
+        super().__init__(spec.worker_id, spec.model_id, spec.gpu_id)
+        self.process = process
+        self._cmd_conn = cmd_conn
+        self._evt_conn = evt_conn
 
     def send(self, msg: object) -> None:
         try:
-            self.cmd_conn.send(msg)
+            self._cmd_conn.send(msg)
         except OSError:
             # The worker is dying; its reader thread reports the exit and the requests it
             # held are put back or failed there.
             self.is_ready = False
 
-    def stats(self) -> WorkerStats:
-        return WorkerStats(self.worker_id, self.model_id, self.process.pid, self.is_ready,
-                           self.gpu_id, self.gpu_offload, self.visible_devices, len(self.running))
+    def receive(self) -> object:
+        try:
+            return self._evt_conn.recv()
+        except OSError:
+            raise EOFError from None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def describe(self) -> str:
+        return f"pid {self.process.pid}"
+
+    def exit_reason(self) -> str:
+        return f"exit code {self.process.exitcode}"
+
+    def reap(self) -> None:
+        self.process.join(1.0)
+
+    def join(self, timeout: float) -> bool:
+        self.process.join(timeout)
+        return not self.process.is_alive()
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def close(self) -> None:
+        self._cmd_conn.close()
+
+
+class WorkerLauncher(Protocol):
+    """Starts workers somewhere: local processes (`ProcessLauncher`) or Ray actors."""
+
+    def spawn(self, spec: WorkerSpec) -> WorkerHandle: ...
+
+    def shutdown(self) -> None: ...
+
+
+class ProcessLauncher:
+    """Workers as spawned processes on this machine."""
+
+    def __init__(self) -> None:
+        self._mp = multiprocessing.get_context("spawn")
+
+    def spawn(self, spec: WorkerSpec) -> ProcessWorker:
+        cmd_r, cmd_w = self._mp.Pipe(duplex=False)
+        evt_r, evt_w = self._mp.Pipe(duplex=False)
+        process = self._mp.Process(
+            target=worker_main, args=(spec, cmd_r, evt_w),
+            name=f"wicore-worker-{spec.worker_id}", daemon=True,
+        )
+        process.start()
+        # Close our copies of the child's ends: the worker's death then shows up at once as
+        # EOF on evt_r, and the worker sees EOF on cmd_r if this process dies.
+        cmd_r.close()
+        evt_w.close()
+        return ProcessWorker(spec, process, cmd_w, evt_r)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def make_launcher(config: Config) -> WorkerLauncher:
+    """Local processes, or Ray actors when `ray_address` is set."""
+    if config.ray_address is None:
+        return ProcessLauncher()
+    from wicore_cpp.engine.ray_workers import RayLauncher  # only with the `ray` extra
+
+    return RayLauncher(config)
 
 
 class WorkerListener(Protocol):
@@ -93,7 +211,7 @@ class WorkerProcesses:
         self._on_fatal = on_fatal
         self._workers: dict[str, list[WorkerHandle]] = {model_id: [] for model_id in models}
         self._load_failures = dict.fromkeys(models, 0)
-        self._mp = multiprocessing.get_context("spawn")
+        self._launcher: WorkerLauncher | None = None
         self._next_worker_id = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._is_stopped = False
@@ -101,6 +219,7 @@ class WorkerProcesses:
     def start(self) -> None:
         """Start `workers` processes per model; they load in the background."""
         self._loop = asyncio.get_running_loop()
+        self._launcher = make_launcher(self.config)
         gpu_ids = self.config.gpu_ids
         for model_id in self.models:
             for i in range(self.config.workers):
@@ -129,36 +248,27 @@ class WorkerProcesses:
             w.send(Shutdown())
         deadline = time.monotonic() + grace_s
         for w in workers:
-            await asyncio.to_thread(w.process.join, max(0.0, deadline - time.monotonic()))
-            if w.process.is_alive():
+            if not await asyncio.to_thread(w.join, max(0.0, deadline - time.monotonic())):
                 log.warning("worker %d did not exit; killing it", w.worker_id)
-                w.process.kill()
-                await asyncio.to_thread(w.process.join, 5)
-            w.cmd_conn.close()
+                w.kill()
+                await asyncio.to_thread(w.join, 5)
+            w.close()
+        if self._launcher is not None:
+            self._launcher.shutdown()
         log.info("all workers stopped")
 
     def _spawn(self, model_id: str, gpu_id: int | None) -> WorkerHandle:
+        assert self._launcher is not None
         worker_id = self._next_worker_id
         self._next_worker_id += 1
         files = self.models[model_id]
-        cmd_r, cmd_w = self._mp.Pipe(duplex=False)
-        evt_r, evt_w = self._mp.Pipe(duplex=False)
-        spec = WorkerSpec(worker_id, model_id, files.path, files.n_ctx, self.config, gpu_id)
-        process = self._mp.Process(
-            target=worker_main, args=(spec, cmd_r, evt_w), name=f"wicore-worker-{worker_id}",
-            daemon=True,
-        )
-        process.start()
-        # Close our copies of the child's ends: the worker's death then shows up at once as
-        # EOF on evt_r, and the worker sees EOF on cmd_r if this process dies.
-        cmd_r.close()
-        evt_w.close()
-        handle = WorkerHandle(worker_id, model_id, gpu_id, process, cmd_w, evt_r)
+        handle = self._launcher.spawn(
+            WorkerSpec(worker_id, model_id, files.path, files.n_ctx, self.config, gpu_id))
         self._workers[model_id].append(handle)
         threading.Thread(
             target=self._read, args=(handle,), name=f"wicore-reader-{worker_id}", daemon=True
         ).start()
-        log.info("started worker %d (pid %d) for %s%s", worker_id, process.pid, model_id,
+        log.info("started worker %d (%s) for %s%s", worker_id, handle.describe(), model_id,
                  f" on GPU {gpu_id}" if gpu_id is not None else "")
         return handle
 
@@ -168,11 +278,11 @@ class WorkerProcesses:
         assert loop is not None
         try:
             while True:
-                msg = handle.evt_conn.recv()
+                msg = handle.receive()
                 loop.call_soon_threadsafe(self._on_message, handle, msg)
-        except (EOFError, OSError):
+        except EOFError:
             pass
-        handle.process.join(1.0)
+        handle.reap()
         try:
             loop.call_soon_threadsafe(self._on_exit, handle)
         except RuntimeError:
@@ -202,9 +312,8 @@ class WorkerProcesses:
             model_workers.remove(worker)
         if self._is_stopped:
             return
-        log.error("worker %d (pid %s) exited unexpectedly (exit code %s) with %d requests",
-                  worker.worker_id, worker.process.pid, worker.process.exitcode,
-                  len(worker.running))
+        log.error("worker %d (%s) exited unexpectedly (%s) with %d requests",
+                  worker.worker_id, worker.describe(), worker.exit_reason(), len(worker.running))
         self._listener.on_worker_lost(worker)
         worker.running.clear()
         if not worker.is_ready:

@@ -141,4 +141,5 @@ def _worker(w: WorkerStats) -> dict:
         "gpu_offload": w.gpu_offload,
         "cuda_visible_devices": w.visible_devices,
         "running": w.num_running,
+        "node": w.node,
     }
