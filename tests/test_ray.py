@@ -96,7 +96,8 @@ async def test_priorities_are_kept_with_actor_workers(local_ray, demo_model_path
             tasks = []
             for n, level in enumerate(("low", "normal", "high", "urgent"), start=1):
                 tasks.append(asyncio.create_task(ask(level)))
-                await until(lambda n=n: metric_is(served, "queue_length", n), what=f"{level} queued")
+                await until(lambda n=n: metric_is(served, "queue_length", n),
+                            what=f"{level} queued")
         await asyncio.gather(blocker, *tasks)
         assert order == ["normal", "urgent", "high", "normal", "low"]
 
