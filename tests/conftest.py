@@ -18,10 +18,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
+from aiohttp import web
 
 from wicore_cpp.config import Config, load_config
 from wicore_cpp.http.app import create_app
+from wicore_cpp.http.connections import ConnectionLimits, GuardedAppRunner
 from wicore_cpp.server import check_models
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,16 +114,20 @@ async def wait_healthy(session: aiohttp.ClientSession, url: str, timeout: float 
 
 @contextlib.asynccontextmanager
 async def serve_in_process(config: Config) -> AsyncIterator[Served]:
+    """The app served as `wicore serve` serves it (same runner and connection handling)."""
     app = create_app(config, check_models(config))
-    server = TestServer(app, host="127.0.0.1", port=0, handler_cancellation=True)
-    await server.start_server()
-    url = str(server.make_url("")).rstrip("/")
-    async with aiohttp.ClientSession() as session:
-        await wait_healthy(session, url)
-        try:
+    runner = GuardedAppRunner(app, ConnectionLimits.from_config(config),
+                              handler_cancellation=True)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        async with aiohttp.ClientSession() as session:
+            await wait_healthy(session, url)
             yield Served(url, session, app)
-        finally:
-            await server.close()
+    finally:
+        await runner.cleanup()
 
 
 @pytest.fixture(scope="session")

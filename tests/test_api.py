@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from tests.conftest import MODEL_ID
+from tests.conftest import MODEL_ID, make_config, serve_in_process
 
 HELLO = [{"role": "user", "content": "Hello, who are you?"}]
 
@@ -305,10 +305,25 @@ async def test_prompt_longer_than_context_is_rejected_before_queueing(api):
     assert after["metrics"]["total_requests"] == before["metrics"]["total_requests"]
 
 
-async def test_max_tokens_is_clipped_to_the_context(api):
-    """A prompt that fits leaves room for at most context - prompt tokens; no error."""
-    text = "hello world " * 4060  # about 8130 tokens: room for only ~50 more
-    status, body, _ = await api.chat([{"role": "user", "content": text}], max_tokens=100000,
-                                     temperature=0)
-    assert status == 200, body
-    assert body["usage"]["total_tokens"] <= 8192
+async def test_max_tokens_is_clipped_to_the_context(demo_model_path):
+    """A prompt that fits leaves room for at most context - prompt tokens; no error.
+
+    Its own server with a 256-token context (`max_seq_len`), so the prompt and the room left
+    are small and quick on any machine, and a request deadline no slow machine reaches."""
+    config = make_config(demo_model_path, max_seq_len=256, request_timeout_s=3600)
+    async with serve_in_process(config) as served:
+        limit = 256
+        for words in range(40, 200, 20):  # the longest prompt that still fits
+            text = "hello world " * words
+            status, body, _ = await served.chat([{"role": "user", "content": text}],
+                                                max_tokens=100000, temperature=0)
+            if status != 200:
+                break
+            usage = body["usage"]
+            assert usage["total_tokens"] <= limit
+            assert usage["completion_tokens"] >= 1
+            if body["choices"][0]["finish_reason"] == "length":
+                assert usage["total_tokens"] == limit
+            last_fitting = usage["prompt_tokens"]
+        assert status == 400 and body["error"]["code"] == "context_length_exceeded", body
+        assert last_fitting > limit - 60  # the loop did reach a prompt near the limit

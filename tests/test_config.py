@@ -18,6 +18,7 @@ from wicore_cpp.config import (
     ConfigError,
     load_config,
 )
+from wicore_cpp.errors import ModelFileError
 
 
 def write_json(path: Path, data) -> Path:
@@ -232,6 +233,7 @@ def test_served_models_default_real_model_when_present(tmp_path):
 
 
 def test_served_models_demo_fallback_with_note(tmp_path):
+    (tmp_path / DEMO_MODEL_FILE).write_bytes(b"")
     config = load_config(environ={}, flags={"models_dir": str(tmp_path)})
     models, note = config.served_models()
     assert models == {DEMO_MODEL_ID: tmp_path / DEMO_MODEL_FILE}
@@ -239,6 +241,19 @@ def test_served_models_demo_fallback_with_note(tmp_path):
     # The note tells the operator where the real file belongs.
     assert str(tmp_path / REAL_MODEL_FILE) in note
     assert REAL_MODEL_ID in note
+
+
+def test_served_models_neither_default_model_is_one_error(tmp_path, monkeypatch):
+    """Not a note that the demo is served and then an error that it is missing: one error,
+    with the absolute paths searched (relative to the working directory) and the ways out."""
+    monkeypatch.chdir(tmp_path)
+    config = load_config(environ={})
+    with pytest.raises(ModelFileError) as info:
+        config.served_models()
+    message = str(info.value)
+    assert str(tmp_path / "models" / REAL_MODEL_FILE) in message
+    assert str(tmp_path / "models" / DEMO_MODEL_FILE) in message
+    assert "--model" in message and "make demo-model" in message
 
 
 # -- CLI flags -------------------------------------------------------------------------------

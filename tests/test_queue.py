@@ -243,16 +243,27 @@ def test_heavy_cancellation_compaction_keeps_order_and_bounds_heap():
 @pytest.mark.parametrize(
     "text, level",
     [("low", Priority.LOW), ("NORMAL", Priority.NORMAL), ("High", Priority.HIGH),
-     ("uRgEnT", Priority.URGENT), (" urgent ", Priority.URGENT)],
+     ("uRgEnT", Priority.URGENT), ("URGENT", Priority.URGENT)],
 )
 def test_priority_parse_any_case(text, level):
     assert Priority.parse(text) is level
 
 
-@pytest.mark.parametrize("text", ["", "medium", "critical", "0", "3", "lowest", None, 1])
+@pytest.mark.parametrize("text", ["", "medium", "critical", "0", "3", "lowest", None, 1,
+                                  " low", "urgent ", " urgent ", "high\n", "\tnormal"])
 def test_priority_parse_rejects_others(text):
+    """Any letter case is one of the four names; surrounding spaces are not (a header's are
+    trimmed by HTTP before it gets here)."""
     with pytest.raises(ValueError, match="low, normal, high, urgent"):
         Priority.parse(text)
+
+
+def test_priority_parse_error_quotes_a_long_value_cut_short():
+    with pytest.raises(ValueError) as info:
+        Priority.parse("x" * 8000)
+    message = str(info.value)
+    assert len(message) < 200
+    assert "8000 characters" in message
 
 
 # -- property test against a reference model -------------------------------------------------

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from wicore_cpp.errors import ModelFileError
+
 ENV_PREFIX = "WICORE_"
 REAL_MODEL_ID = "gemma-3-27b-it"
 REAL_MODEL_FILE = "gemma-3-27b-it-Q4_K_M.gguf"
@@ -114,6 +116,21 @@ class Config(BaseModel):
         description="Model id -> the GGUF path Ray workers load (a shared filesystem, or a path "
         "present on every node); missing ids use the front end's path.",
     )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="Deadline for a request's headers, from its first byte; "
+        "then 408 and the connection closes.",
+    )
+    body_timeout_s: float = Field(
+        60.0, gt=0, description="Deadline for a request's body, from the end of its headers; "
+        "then 408 and the connection closes.",
+    )
+    idle_timeout_s: float = Field(
+        30.0, gt=0, description="An open connection with no request under way is closed after "
+        "this long (a new one that sends nothing, or a kept-alive one between requests).",
+    )
+    max_connections: int = Field(
+        512, ge=1, description="Open client connections; one more is answered 503 and closed.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -129,7 +146,9 @@ class Config(BaseModel):
         return self
 
     def served_models(self) -> tuple[dict[str, Path], str | None]:
-        """Model ids to serve and their files, plus a note when the demo stands in for Gemma."""
+        """Model ids to serve and their files, plus a note when the demo stands in for Gemma.
+
+        Raises ModelFileError when the default models are wanted and neither exists."""
         if self.model:
             path = Path(self.model)
             return {self.model_id or path.stem: path}, None
@@ -139,9 +158,19 @@ class Config(BaseModel):
         if real.exists():
             return {REAL_MODEL_ID: real}, None
         demo = Path(self.models_dir) / DEMO_MODEL_FILE
+        # Absolute paths: `models_dir` is relative to the working directory, which is what
+        # goes wrong when the server is started from somewhere else.
+        if not demo.exists():
+            raise ModelFileError(
+                f"no model to serve: neither {real.absolute()} nor the demo model "
+                f"{demo.absolute()} exists. Put the GGUF there (see models/README.md), make "
+                f"the demo model (make demo-model), or name a file with --model or a folder "
+                f"with --models-dir."
+            )
         note = (
-            f"{real} not found: serving the demo model {DEMO_MODEL_ID!r} from {demo}. "
-            f"Put the real GGUF at {real} (see models/README.md) to serve {REAL_MODEL_ID!r}."
+            f"{real.absolute()} not found: serving the demo model {DEMO_MODEL_ID!r} from "
+            f"{demo.absolute()}. Put the real GGUF at {real.absolute()} (see models/README.md) "
+            f"to serve {REAL_MODEL_ID!r}."
         )
         return {DEMO_MODEL_ID: demo}, note
 

@@ -8,6 +8,21 @@ API document shows.
 
 from __future__ import annotations
 
+# The longest message a client is sent; a backstop behind `excerpt` at each place that echoes
+# what the client sent.
+MAX_MESSAGE_CHARS = 1000
+EXCERPT_CHARS = 64
+
+
+def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
+    """A client-sent value as an error message may quote it: repr'd, and cut to `limit`
+    characters with the full length said, so an 8,000-character header is never echoed whole."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = len(value) if isinstance(value, str | bytes) else len(text)
+    return f"{text[:limit]}... ({size} characters)"
+
 
 class WicoreError(Exception):
     status = 500
@@ -16,6 +31,8 @@ class WicoreError(Exception):
 
     def __init__(self, message: str, *, param: str | None = None, retry_after: float | None = None):
         super().__init__(message)
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS] + "..."
         self.message = message
         self.param = param
         self.retry_after = retry_after
@@ -68,6 +85,13 @@ class ServiceUnavailable(WicoreError):
 
     status = 503
     type = "server_error"
+
+
+class ClientTooSlow(WicoreError):
+    """The client did not send a request's headers or body within the configured deadline."""
+
+    status = 408
+    type = "invalid_request_error"
 
 
 class RequestTimeout(WicoreError):

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 
 from aiohttp import web
@@ -14,6 +15,7 @@ from wicore_cpp.config import Config
 from wicore_cpp.errors import ModelFileError
 from wicore_cpp.gguf_file import GGUFFile, check_model_file
 from wicore_cpp.http.app import create_app
+from wicore_cpp.http.connections import ConnectionLimits, GuardedAppRunner
 
 log = logging.getLogger("wicore")
 
@@ -62,10 +64,44 @@ def run_server(config: Config) -> int:
     return asyncio.run(_serve(config, models))
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything loads: a taken port fails in a second,
+    not after the workers have loaded the model. Raises OSError."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _exit_now(signame: str) -> None:
+    """A second Ctrl-C (or SIGTERM) while draining: kill our processes and leave at once."""
+    import psutil
+
+    log.warning("second %s: exiting now without draining", signame)
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    logging.shutdown()
+    os._exit(128 + signal.Signals[signame].value)
+
+
 async def _serve(config: Config, models: dict[str, GGUFFile]) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     exit_code = 0
+    try:
+        sock = bind_socket(config.host, config.port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)
+        return 1
 
     def on_fatal(message: str) -> None:
         nonlocal exit_code
@@ -74,24 +110,25 @@ async def _serve(config: Config, models: dict[str, GGUFFile]) -> int:
             exit_code = 1
             stop.set()
 
+    def on_signal(signame: str) -> None:
+        if stop.is_set():
+            _exit_now(signame)
+        stop.set()
+
     app = create_app(config, models, on_fatal)
-    runner = web.AppRunner(
+    runner = GuardedAppRunner(
         app,
+        ConnectionLimits.from_config(config),
         handle_signals=False,
         shutdown_timeout=config.shutdown_grace_s,
         handler_cancellation=True,
         access_log=logging.getLogger("aiohttp.access"),
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig.name)
     try:
         await runner.setup()
-        site = web.TCPSite(runner, config.host, config.port)
-        try:
-            await site.start()
-        except OSError as exc:
-            log.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
-            return 1
+        await web.SockSite(runner, sock).start()
         log.info("listening on http://%s:%d (pid %d)", config.host, runner.addresses[0][1],
                  os.getpid())
         await stop.wait()
@@ -99,5 +136,6 @@ async def _serve(config: Config, models: dict[str, GGUFFile]) -> int:
     finally:
         # Stops listening, drains in-flight requests (bounded), then stops the workers.
         await runner.cleanup()
+        sock.close()
     log.info("server stopped")
     return exit_code

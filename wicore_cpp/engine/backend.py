@@ -104,6 +104,20 @@ class Model:
             self._pieces[token] = cached
         return cached
 
+    def longest_piece_bytes(self) -> int:
+        """The most bytes of text any one token stands for, special tokens' own text included
+        (a prompt is tokenized with `parse_special`, so `<start_of_turn>` in it is one token).
+        A prompt of B bytes is therefore at least B / this many tokens."""
+        buf = ctypes.create_string_buffer(256)
+        longest = 1
+        for token in range(self.info.n_vocab):
+            n = lc.llama_token_to_piece(self.vocab, token, buf, 256, 0, True)
+            longest = max(longest, n if n >= 0 else -n)
+        return longest
+
+    def is_control(self, token: int) -> bool:
+        return bool(lc.llama_vocab_is_control(self.vocab, token))
+
     def is_eog(self, token: int) -> bool:
         cached = self._eog.get(token)
         if cached is None:

@@ -33,9 +33,9 @@ from wicore_cpp.engine.request import (
 )
 from wicore_cpp.engine.scheduler import Scheduler
 from wicore_cpp.engine.stats import EngineStats, WorkerStats
-from wicore_cpp.engine.tokenizer import PromptTokenizer
+from wicore_cpp.engine.tokenizer import PromptSize, PromptTokenizer
 from wicore_cpp.engine.workers import ModelFiles
-from wicore_cpp.errors import ContextLengthExceeded, ModelNotFound
+from wicore_cpp.errors import ContextLengthExceeded, ModelNotFound, excerpt
 from wicore_cpp.gguf_file import GGUFFile
 
 __all__ = [
@@ -122,8 +122,10 @@ class EngineClient:
             {mid: (ModelFiles(m.path, n_ctx), m.context_length) for mid, m in models.items()},
             on_fatal,
         )
-        self._tokenizers = {mid: PromptTokenizer(m.path, config.log_level)
-                            for mid, m in models.items()}
+        self._tokenizers = {
+            mid: PromptTokenizer(m.path, config.log_level, config.max_concurrent_requests)
+            for mid, m in models.items()
+        }
         self.models: dict[str, ServedModel] = {
             mid: ServedModel(mid, int(m.path.stat().st_mtime),
                              self._scheduler.queues[mid].max_seq_len)
@@ -156,7 +158,7 @@ class EngineClient:
         """The served model of that id (None: the default one). Raises ModelNotFound."""
         model = self.models.get(model_id or self.default_model_id)
         if model is None:
-            raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
+            raise ModelNotFound(f"The model {excerpt(model_id)} does not exist", param="model")
         return model
 
     async def generate(
@@ -173,8 +175,19 @@ class EngineClient:
         """
         model = self.model(model_id)
         self._scheduler.check_admission(model.model_id)
-        prompt = await self._tokenizers[model.model_id].encode_chat(messages)
+        tokenizer = self._tokenizers[model.model_id]
         limit = model.context_length
+        # What cannot fit however it tokenizes is refused before the costly part.
+        size = PromptSize.of(messages)
+        at_least = (await tokenizer.bounds()).min_tokens(size)
+        if at_least >= limit:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {limit} tokens. However, your "
+                f"messages ({size.num_messages} messages, {size.num_bytes} bytes of text) "
+                f"come to at least {at_least} tokens.",
+                param="messages",
+            )
+        prompt = await tokenizer.encode_chat(messages, size)
         if len(prompt) >= limit:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {limit} tokens. However, your "
@@ -205,3 +218,7 @@ class EngineClient:
 
     def stats(self) -> EngineStats:
         return self._scheduler.stats()
+
+    def tokenizer_pids(self) -> dict[str, dict[str, int | None]]:
+        """Model id -> each tokenizer lane's helper process id (for operators and tests)."""
+        return {mid: t.helper_pids() for mid, t in self._tokenizers.items()}

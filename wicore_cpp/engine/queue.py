@@ -15,6 +15,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from wicore_cpp.errors import excerpt
+
 T = TypeVar("T")
 
 
@@ -26,13 +28,16 @@ class Priority(enum.IntEnum):
 
     @classmethod
     def parse(cls, value: str) -> Priority:
-        """'low' / 'normal' / 'high' / 'urgent' (any case). Raises ValueError otherwise."""
-        try:
-            return cls[value.strip().upper()]
-        except (KeyError, AttributeError):
+        """'low' / 'normal' / 'high' / 'urgent', in any letter case but nothing around them
+        (an HTTP header's surrounding spaces are gone before this). Raises ValueError."""
+        # ASCII only: str.upper() maps the dotless 'ı' to 'I', and 'hıgh' is not a level.
+        name = value.upper() if isinstance(value, str) and value.isascii() else ""
+        if name not in cls.__members__:
             raise ValueError(
-                f"priority must be one of low, normal, high, urgent; got {value!r}"
-            ) from None
+                f"priority must be one of low, normal, high, urgent (any case); "
+                f"got {excerpt(value)}"
+            )
+        return cls[name]
 
 
 class QueueFull(Exception):

@@ -1,24 +1,40 @@
-"""Prompt preparation (chat template + tokenization) in a helper process.
+"""Prompt preparation (chat template + tokenization) in helper processes, in two lanes.
 
 The front end must know a prompt's length before it queues the request, but it never imports
-llama_cpp; a one-process pool that loads only the vocabulary (`vocab_only`, no weights: a
-second or two even for Gemma-3-27B) does the work off the event loop and off the workers'
-decode path.
+llama_cpp; helper processes that load only the vocabulary (`vocab_only`, no weights: a second
+or two even for Gemma-3-27B) do the work off the event loop and off the workers' decode path.
+
+That work takes time in proportion to the conversation (rendering and tokenizing 50,000
+messages took 20 s), so two things keep a long conversation from holding up everyone else:
+
+- `PromptBounds`: before any rendering, a conversation whose text and message count cannot
+  fit the context however it tokenizes is refused, in microseconds. The bounds are safe: each
+  token stands for at most `max_token_bytes` bytes of text (the vocabulary's longest piece),
+  and each message costs at least the template's special tokens for it.
+- Two lanes, one helper process each, each first come first served: a conversation with little
+  text and few messages goes to the short lane, any other to the long lane. A short request
+  therefore never waits behind a long one, and long ones wait only for each other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import multiprocessing
+import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
-from wicore_cpp.errors import InvalidRequest, ServiceUnavailable
+from wicore_cpp.errors import InvalidRequest, RateLimited, ServiceUnavailable
 
 log = logging.getLogger("wicore.tokenizer")
+
+T = TypeVar("T")
 
 # Used only when a GGUF carries no chat template of its own.
 FALLBACK_TEMPLATE = (
@@ -26,22 +42,74 @@ FALLBACK_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
+# What the short lane takes: a conversation this small renders and tokenizes in a few
+# milliseconds, so nothing in that lane waits long for what is ahead of it.
+SHORT_LANE_MAX_BYTES = 64 * 1024
+SHORT_LANE_MAX_MESSAGES = 256
+
+
+class Lane(enum.Enum):
+    SHORT = "short"
+    LONG = "long"
+
+
+@dataclass(slots=True, frozen=True)
+class PromptSize:
+    """What can be known of a conversation without rendering it."""
+
+    num_messages: int
+    num_bytes: int  # UTF-8 bytes of all the messages' text
+
+    @classmethod
+    def of(cls, messages: Sequence[dict[str, str]]) -> PromptSize:
+        return cls(len(messages), sum(len(m["content"].encode("utf-8")) for m in messages))
+
+    @property
+    def lane(self) -> Lane:
+        if self.num_messages <= SHORT_LANE_MAX_MESSAGES and self.num_bytes <= SHORT_LANE_MAX_BYTES:
+            return Lane.SHORT
+        return Lane.LONG
+
+
+@dataclass(slots=True, frozen=True)
+class PromptBounds:
+    """Facts about a model's vocabulary and template that bound a prompt's length from below."""
+
+    max_token_bytes: int  # the most bytes of text one token stands for
+    min_message_tokens: int  # the fewest tokens the template spends on one message
+
+    def min_tokens(self, size: PromptSize) -> int:
+        """Tokens the rendered conversation has at least (never more than it really has)."""
+        by_text = -(-size.num_bytes // self.max_token_bytes)
+        return max(by_text, size.num_messages * self.min_message_tokens)
+
+
+@dataclass(slots=True, frozen=True)
+class HelperInfo:
+    pid: int
+    bounds: PromptBounds
+
+
+# -- the helper process --------------------------------------------------------------------------
+
 
 @dataclass(slots=True)
 class _ChildState:
-    model: object
-    template: object
+    model: Any
+    template: Any
+    bounds: PromptBounds
 
 
-# The pool's child process keeps its loaded vocabulary here between calls: a process pool
-# task can only be a module-level function, so the state has to live at module level (in the
-# child only; the front end never sets it).
+# A helper process keeps its loaded vocabulary here between calls: a process pool task can
+# only be a module-level function, so the state has to live at module level (in the helper
+# only; the front end never sets it).
 _child: _ChildState | None = None
 
 
 def _child_init(model_path: str, log_level: str) -> None:
     global _child
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s tokenizer %(name)s: %(message)s")
+    logging.basicConfig(level=log_level,
+                        format="%(asctime)s %(levelname)s tokenizer %(name)s: %(message)s")
     from wicore_cpp.engine.backend import Model
     from wicore_cpp.engine.chat_template import ChatTemplate
 
@@ -51,28 +119,58 @@ def _child_init(model_path: str, log_level: str) -> None:
         log.warning("%s has no chat template; using a generic one", model_path)
         source = FALLBACK_TEMPLATE
     template = ChatTemplate(source, bos_token=model.info.bos_token, eos_token=model.info.eos_token)
-    _child = _ChildState(model, template)
+    _child = _ChildState(model, template, PromptBounds(1, 1))
+    _child.bounds = PromptBounds(model.longest_piece_bytes(), _min_message_tokens(_child))
+
+
+def _min_message_tokens(state: _ChildState) -> int:
+    """Special tokens the template writes per message (Gemma: `<start_of_turn>` and
+    `<end_of_turn>`). Only those count: plain template text can merge with a message's text
+    into fewer tokens, a special token never does. At least 1."""
+
+    def specials(num_pairs: int) -> int:
+        turns = [{"role": role, "content": ""} for _ in range(num_pairs)
+                 for role in ("user", "assistant")]
+        return sum(state.model.is_control(t) for t in _encode(state, turns))
+
+    try:
+        per_message = (specials(2) - specials(1)) // 2
+    except InvalidRequest:  # a template that refuses empty turns: assume the least
+        per_message = 0
+    return max(1, per_message)
+
+
+def _encode(state: _ChildState, messages: list[dict[str, str]]) -> list[int]:
+    text = state.template.render(messages)
+    bos = state.model.info.bos_token
+    # A template that writes <bos> itself must not get a second one from the tokenizer.
+    add_special = not (bos and text.startswith(bos))
+    return state.model.tokenize(text, add_special=add_special, parse_special=True)
 
 
 def _child_encode_chat(messages: list[dict[str, str]]) -> list[int]:
     assert _child is not None  # set by the pool initializer before any task runs
-    text = _child.template.render(messages)
-    bos = _child.model.info.bos_token
-    # A template that writes <bos> itself must not get a second one from the tokenizer.
-    add_special = not (bos and text.startswith(bos))
-    return _child.model.tokenize(text, add_special=add_special, parse_special=True)
+    return _encode(_child, messages)
 
 
-def _child_ping() -> bool:
-    return _child is not None
+def _child_info() -> HelperInfo:
+    assert _child is not None
+    return HelperInfo(os.getpid(), _child.bounds)
 
 
-class PromptTokenizer:
-    """Front-end handle to the tokenizer process of one model."""
+# -- the front end's side ------------------------------------------------------------------------
 
-    def __init__(self, model_path: Path, log_level: str = "INFO"):
+
+class _HelperLane:
+    """One helper process and the requests waiting for it."""
+
+    def __init__(self, lane: Lane, model_path: Path, log_level: str, max_waiting: int):
+        self.lane = lane
         self._model_path = model_path
         self._log_level = log_level
+        self.max_waiting = max_waiting
+        self.num_waiting = 0  # submitted and not yet answered, the one running included
+        self.pid: int | None = None
         self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
@@ -83,25 +181,79 @@ class PromptTokenizer:
             initargs=(str(self._model_path), self._log_level.upper()),
         )
 
-    async def start(self) -> None:
-        """Load the vocabulary now, so the first request does not pay for it."""
-        await asyncio.get_running_loop().run_in_executor(self._pool, _child_ping)
-
-    async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Render with the model's template and tokenize. Raises InvalidRequest for a
-        conversation the template rejects, ServiceUnavailable if the process died."""
-        loop = asyncio.get_running_loop()
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in the helper; ServiceUnavailable if it died (a new one starts)."""
+        if self.num_waiting >= self.max_waiting:
+            raise RateLimited(
+                f"{self.num_waiting} prompts are already waiting to be tokenized in the "
+                f"{self.lane.value} lane", retry_after=1)
+        self.num_waiting += 1
         try:
-            return await loop.run_in_executor(self._pool, _child_encode_chat, messages)
-        except InvalidRequest as exc:
-            exc.param = exc.param or "messages"
-            raise
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         except BrokenProcessPool:
-            log.error("tokenizer process died; starting a new one")
+            log.error("%s-lane tokenizer process died; starting a new one", self.lane.value)
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = self._new_pool()
+            self.pid = None
             raise ServiceUnavailable("the tokenizer restarted; retry the request",
                                      retry_after=1) from None
+        finally:
+            self.num_waiting -= 1
+
+    async def start(self) -> HelperInfo:
+        info = await self.run(_child_info)
+        self.pid = info.pid
+        return info
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class PromptTokenizer:
+    """Front-end handle to the tokenizer helpers of one model."""
+
+    def __init__(self, model_path: Path, log_level: str = "INFO", max_waiting: int = 32):
+        """`max_waiting`: prompts one lane holds (running and waiting) before it answers 429."""
+        self._lanes = {lane: _HelperLane(lane, model_path, log_level, max_waiting)
+                       for lane in Lane}
+        self._started: asyncio.Task[PromptBounds] | None = None
+
+    async def start(self) -> None:
+        """Load the vocabulary in both helpers now, so the first request does not pay for it."""
+        await self.bounds()
+
+    async def bounds(self) -> PromptBounds:
+        """The model's prompt bounds (known once the helpers have loaded)."""
+        if self._started is None:
+            self._started = asyncio.ensure_future(self._start())
+        return await asyncio.shield(self._started)
+
+    async def _start(self) -> PromptBounds:
+        infos = await asyncio.gather(*(helper.start() for helper in self._lanes.values()))
+        bounds = infos[0].bounds
+        log.info("tokenizer helpers ready (pids %s): a token is at most %d bytes, a message "
+                 "at least %d tokens", ", ".join(str(i.pid) for i in infos),
+                 bounds.max_token_bytes, bounds.min_message_tokens)
+        return bounds
+
+    def helper_pids(self) -> dict[str, int | None]:
+        """Each lane's helper process id (None before it started)."""
+        return {lane.value: helper.pid for lane, helper in self._lanes.items()}
+
+    async def encode_chat(self, messages: list[dict[str, str]],
+                          size: PromptSize | None = None) -> list[int]:
+        """Render with the model's template and tokenize, in the lane for its size. Raises
+        InvalidRequest for a conversation the template rejects, ServiceUnavailable if the
+        helper died, RateLimited if too many prompts wait in that lane."""
+        size = size or PromptSize.of(messages)
+        try:
+            return await self._lanes[size.lane].run(_child_encode_chat, messages)
+        except InvalidRequest as exc:
+            exc.param = exc.param or "messages"
+            raise
+
+    def close(self) -> None:
+        if self._started is not None:
+            self._started.cancel()
+        for helper in self._lanes.values():
+            helper.close()

@@ -8,7 +8,14 @@ import time
 from aiohttp import web
 
 from wicore_cpp.engine.client import FINISH_TIMEOUT, Generation, RequestEnded, TokenDelta
-from wicore_cpp.http.lifecycle import event_stream, generating, generation, request_id_header
+from wicore_cpp.http.lifecycle import (
+    PRIORITY_HEADER,
+    event_stream,
+    generating,
+    generation,
+    request_id_header,
+)
+from wicore_cpp.http.openapi import documented
 from wicore_cpp.http.protocol import (
     ChatCompletionRequest,
     ChunkEncoder,
@@ -16,6 +23,7 @@ from wicore_cpp.http.protocol import (
     json_response,
     parse_chat_request,
 )
+from wicore_cpp.http.responses import ChatCompletion
 from wicore_cpp.http.state import STATE
 
 log = logging.getLogger("wicore.chat")
@@ -25,6 +33,10 @@ routes = web.RouteTableDef()
 
 @routes.post("/v1/chat/completions")
 @generating
+@documented("Chat completion, as JSON or (stream: true) server-sent events",
+            request=ChatCompletionRequest, responses={200: ChatCompletion},
+            errors=(400, 404, 408, 413, 429, 500, 503, 504), event_stream=True,
+            headers=(PRIORITY_HEADER,), response_headers=("X-Request-Id",))
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """OpenAI chat completions: the whole completion as JSON, or a stream of SSE chunks."""
     chat = parse_chat_request(await request.read())

@@ -15,6 +15,8 @@ from aiohttp import web
 
 from wicore_cpp.engine.client import Generation, Priority, SamplingParams
 from wicore_cpp.errors import InvalidRequest
+from wicore_cpp.http.openapi import Header
+from wicore_cpp.http.protocol import PRIORITY_PATTERN
 from wicore_cpp.http.state import STATE
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -24,6 +26,12 @@ SSE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
+
+
+PRIORITY_HEADER = Header(
+    "X-Priority", "low, normal, high or urgent (any letter case); the body's `priority` wins",
+    {"type": "string", "pattern": PRIORITY_PATTERN},
+)
 
 
 def generating(handler: Handler) -> Handler:

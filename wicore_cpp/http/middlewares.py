@@ -12,7 +12,14 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from wicore_cpp.errors import InvalidRequest, MethodNotAllowed, NotFound, RateLimited, WicoreError
+from wicore_cpp.errors import (
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    RateLimited,
+    WicoreError,
+    excerpt,
+)
 from wicore_cpp.http.lifecycle import is_generating
 from wicore_cpp.http.protocol import json_response
 from wicore_cpp.http.state import STATE
@@ -41,10 +48,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             log.warning("%s %s -> %d: %s", request.method, request.path, err.status, err.message)
         return error_response(err)
     except web.HTTPNotFound:
-        return error_response(NotFound(f"no route for {request.method} {request.path}"))
+        return error_response(
+            NotFound(f"no route for {request.method} {excerpt(request.path)}"))
     except web.HTTPMethodNotAllowed:
         return error_response(
-            MethodNotAllowed(f"{request.method} is not allowed on {request.path}"))
+            MethodNotAllowed(f"{request.method} is not allowed on {excerpt(request.path)}"))
+    except web.RequestPayloadError as exc:
+        # A body that breaks HTTP's own framing (a bad chunk size, a short Content-Length).
+        log.info("%s %s: unreadable body: %s", request.method, request.path, exc)
+        response = error_response(InvalidRequest(f"the request body could not be read: {exc}"))
+        response.force_close()
+        return response
     except web.HTTPRequestEntityTooLarge:
         err = InvalidRequest(f"the request body is larger than {MAX_BODY_BYTES} bytes")
         err.status = 413

@@ -5,13 +5,16 @@ from __future__ import annotations
 from aiohttp import web
 
 from wicore_cpp.engine.client import ServedModel
+from wicore_cpp.http.openapi import documented
 from wicore_cpp.http.protocol import json_response
+from wicore_cpp.http.responses import ModelCard, ModelList
 from wicore_cpp.http.state import STATE
 
 routes = web.RouteTableDef()
 
 
 @routes.get("/v1/models")
+@documented("The served models", responses={200: ModelList})
 async def list_models(request: web.Request) -> web.Response:
     """OpenAI's model list."""
     models = request.app[STATE].engine.models.values()
@@ -19,6 +22,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/models/{model_id}")
+@documented("One served model", responses={200: ModelCard}, errors=(404,))
 async def get_model(request: web.Request) -> web.Response:
     """One model; 404 `model_not_found` for an unknown id."""
     model = request.app[STATE].engine.model(request.match_info["model_id"])

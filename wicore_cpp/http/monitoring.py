@@ -7,7 +7,9 @@ from aiohttp import web
 from wicore_cpp import ENGINE_NAME, __version__
 from wicore_cpp.engine.client import EngineHealth, EngineStats, WorkerStats
 from wicore_cpp.errors import ServiceUnavailable
+from wicore_cpp.http.openapi import documented
 from wicore_cpp.http.protocol import json_response
+from wicore_cpp.http.responses import Health, HealthProblem, Root, Status
 from wicore_cpp.http.state import STATE
 
 routes = web.RouteTableDef()
@@ -25,6 +27,7 @@ def _pct(x: float | None) -> str:
 
 
 @routes.get("/")
+@documented("Engine name and version", responses={200: Root})
 async def root(request: web.Request) -> web.Response:
     """Engine name and version (API document §5), plus where to look next."""
     engine = request.app[STATE].engine
@@ -38,6 +41,7 @@ async def root(request: web.Request) -> web.Response:
 
 
 @routes.get("/health")
+@documented("Is it serving", responses={200: Health, 503: HealthProblem})
 async def health(request: web.Request) -> web.Response:
     """200 while serving; 503 in the error shape while loading, draining or with no worker."""
     engine = request.app[STATE].engine
@@ -62,6 +66,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 @routes.get("/status")
+@documented("Figures: requests, queue, workers", responses={200: Status})
 async def status(request: web.Request) -> web.Response:
     """The API document's §4 fields as formatted strings, plus `metrics` as numbers."""
     state = request.app[STATE]

@@ -13,22 +13,26 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from wicore_cpp.engine.client import SamplingParams
-from wicore_cpp.errors import InvalidRequest
+from wicore_cpp.engine.client import Priority, SamplingParams
+from wicore_cpp.errors import InvalidRequest, excerpt
 
 MAX_STOP_SEQUENCES = 4
+# low, normal, high or urgent in any letter case, as a JSON Schema (ECMA 262) pattern.
+PRIORITY_PATTERN = "^(" + "|".join(
+    "".join(f"[{c}{c.upper()}]" for c in p.name.lower()) for p in Priority) + ")$"
 
 
 class TextPart(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
-    type: str
+    type: str = Field(json_schema_extra={"enum": ["text"]})
     text: str
 
     @field_validator("type")
     @classmethod
     def _only_text(cls, value: str) -> str:
         if value != "text":
-            raise ValueError(f"content parts of type {value!r} are not supported; only 'text'")
+            raise ValueError(
+                f"content parts of type {excerpt(value)} are not supported; only 'text'")
         return value
 
 
@@ -36,7 +40,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
     # Text parts are tried first so that a bad part's own message reaches the client.
-    content: list[TextPart] | str
+    content: Annotated[list[TextPart], Field(min_length=1)] | str
     name: str | None = None
 
     def text(self) -> str:
@@ -69,10 +73,14 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: Penalty = 0.0
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    # The validator below checks these; the schema says them too.
+    stop: str | list[str] | None = Field(None, json_schema_extra={
+        "minLength": 1, "maxItems": MAX_STOP_SEQUENCES,
+        "items": {"type": "string", "minLength": 1}})
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     n: int = Field(1, ge=1, le=1)
-    priority: str | None = None
+    # Checked with the X-Priority header by the lifecycle; the pattern documents it.
+    priority: str | None = Field(None, json_schema_extra={"pattern": PRIORITY_PATTERN})
     user: str | None = None
     # Beyond OpenAI: the generated token ids in the response, for debugging and tests.
     return_token_ids: bool = False
