@@ -219,14 +219,19 @@ async def test_a_body_that_never_completes_gets_408(strict):
 
 async def test_deadlines_do_not_touch_a_request_that_is_running(strict):
     """A stream that outlives every connection deadline is not cut: they bound reading a
-    request, not answering it. (Its worker is frozen meanwhile, so it cannot finish early.)"""
-    body = {"messages": HELLO, "max_tokens": 64, "stream": True}
-    async with strict.session.post(f"{strict.url}/v1/chat/completions", json=body) as resp:
+    request, not answering it. Its worker is frozen from before the request until well past
+    every deadline, so the stream cannot have finished early."""
+    body = {"messages": HELLO, "max_tokens": 8, "stream": True}
+    with frozen(*worker_pids(strict)):
+        resp = await strict.session.post(f"{strict.url}/v1/chat/completions", json=body)
         assert resp.status == 200
-        with frozen(*worker_pids(strict)):
-            await asyncio.sleep(1.5)  # three times each deadline
-        text = await resp.read()
+        await asyncio.sleep(1.5)  # three times each deadline
+    try:
+        text = await asyncio.wait_for(resp.read(), WAIT_S)
+    finally:
+        resp.close()
     assert text.endswith(b"data: [DONE]\n\n")
+    assert b'"finish_reason":"length"' in text
 
 
 # -- the connection cap --------------------------------------------------------------------------
@@ -272,21 +277,25 @@ def tokenizer_pids(served: Served) -> dict[str, int]:
 
 async def test_a_short_request_is_not_held_up_by_a_long_one(api):
     """A long conversation is being tokenized (its helper frozen: it cannot finish); a short
-    request sent after it is answered first."""
+    request sent after it is answered first. (The long one passes the cheap bounds but is too
+    long once tokenized: answered with the real count, without a slow prefill.)"""
     pids = tokenizer_pids(api)
     order: list[str] = []
 
-    async def ask(name: str, messages: list[dict]) -> int:
-        status, _, _ = await api.chat(messages, max_tokens=2)
+    async def ask(name: str, messages: list[dict]) -> tuple[int, dict]:
+        status, body, _ = await api.chat(messages, max_tokens=2)
         order.append(name)
-        return status
+        return status, body
 
     with frozen(pids["long"]):
-        long = asyncio.create_task(ask("long", many_turns(301)))
+        long = asyncio.create_task(ask("long", many_turns(257, "hello world " * 17)))
         await asyncio.sleep(0.2)  # sent first (the order holds even if it were not)
-        assert await asyncio.wait_for(ask("short", HELLO), WAIT_S) == 200
+        status, _ = await asyncio.wait_for(ask("short", HELLO), WAIT_S)
+        assert status == 200
         assert not long.done()
-    assert await asyncio.wait_for(long, WAIT_S) == 200
+    status, body = await asyncio.wait_for(long, WAIT_S)
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded", body
+    assert "resulted in" in body["error"]["message"]  # counted by the tokenizer, not bounded
     assert order == ["short", "long"]
 
 
@@ -313,11 +322,11 @@ async def test_a_lane_full_of_waiting_prompts_answers_429(demo_model_path):
     try:
         await tokenizer.start()
         with frozen(tokenizer.helper_pids()["long"]):
-            waiting = [asyncio.create_task(tokenizer.encode_chat(many_turns(301)))
+            waiting = [asyncio.create_task(tokenizer.encode_chat(many_turns(257)))
                        for _ in range(2)]
             await asyncio.sleep(0)
             with pytest.raises(RateLimited):
-                await tokenizer.encode_chat(many_turns(301))
+                await tokenizer.encode_chat(many_turns(257))
             # The short lane is not full.
             assert await asyncio.wait_for(tokenizer.encode_chat(HELLO), WAIT_S)
         assert all(await asyncio.gather(*waiting))

@@ -310,7 +310,11 @@ def _shaped(handler: Handler) -> Handler:
                      request.remote, exc.status, exc.reason)
             err = InvalidRequest(_first_line(exc.text or exc.reason))
             err.status = exc.status
-            return error_response(err)
+            response = error_response(err)
+            # The request was refused before its body was read: what follows on the
+            # connection is unknown, so end it.
+            response.force_close()
+            return response
 
     return handle
 
