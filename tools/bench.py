@@ -8,6 +8,9 @@ Subcommands:
   priority  time to first token of an `urgent` request, and of a `normal` one, sent while
             16 normal streams run and 32 more wait (WiCore only: it needs priorities and
             `--max-concurrent-requests` of 64).
+  hol       head-of-line blocking: while a few hostile requests (a conversation of very
+            many messages) are being prepared, a short request goes out every so often;
+            reports how long the short ones took and how the hostile ones ended.
   compare   starts WiCore, then llama-cpp-python's own server, on the same GGUF with the
             same threads (one at a time, never both), runs concurrency 1 and 16 on each and
             the priority test on WiCore, prints a Markdown table and the ratios, and writes
@@ -894,6 +897,60 @@ def _print_run(report: dict[str, Any]) -> None:
         emit(f"  {sample}")
 
 
+@dataclass
+class HolConfig:
+    url: str
+    model: str
+    hostile: int  # hostile requests sent at once
+    messages: int  # messages in each
+    message_text: str
+    probes: int  # short requests, one every `interval_s`
+    interval_s: float
+    timeout_s: float
+
+
+async def run_hol(cfg: HolConfig) -> dict[str, Any]:
+    """Short requests' latency while hostile ones (many messages) are being prepared."""
+    turns = [{"role": ("user", "assistant")[i % 2], "content": cfg.message_text}
+             for i in range(cfg.messages)]
+    hostile_body = json.dumps({"model": cfg.model, "messages": turns, "max_tokens": 1}).encode()
+    short_body = {"model": cfg.model, "max_tokens": 1,
+                  "messages": [{"role": "user", "content": "Hi"}]}
+    timeout = aiohttp.ClientTimeout(total=cfg.timeout_s)
+
+    async with _session(cfg.hostile + cfg.probes + 4) as session:
+        async def one(body: Any, raw: bool) -> tuple[int, float]:
+            start = time.perf_counter()
+            kwargs = {"data": body, "headers": {"Content-Type": "application/json"}} if raw \
+                else {"json": body}
+            try:
+                async with session.post(cfg.url + "/v1/chat/completions", timeout=timeout,
+                                        **kwargs) as r:
+                    await r.read()
+                    return r.status, time.perf_counter() - start
+            except (aiohttp.ClientError, TimeoutError):
+                return 0, time.perf_counter() - start
+
+        await one(short_body, False)  # warm-up
+        hostile = [asyncio.create_task(one(hostile_body, True)) for _ in range(cfg.hostile)]
+        await asyncio.sleep(cfg.interval_s)  # the hostile ones go first
+        probes = []
+        for _ in range(cfg.probes):
+            probes.append(asyncio.create_task(one(short_body, False)))
+            await asyncio.sleep(cfg.interval_s)
+        hostile_results = await asyncio.gather(*hostile)
+        probe_results = await asyncio.gather(*probes)
+    latencies = [t for status, t in probe_results if status == 200]
+    return {
+        "hostile": {"count": cfg.hostile, "messages": cfg.messages,
+                    "body_bytes": len(hostile_body),
+                    "statuses": _count(str(s) for s, _ in hostile_results),
+                    "seconds": [round(t, 3) for _, t in hostile_results]},
+        "short": {"count": cfg.probes, "ok": len(latencies),
+                  "p50_s": percentile(latencies, 50), "max_s": max(latencies, default=None)},
+    }
+
+
 def _write_json(path: str | None, data: dict[str, Any]) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -927,6 +984,17 @@ def build_parser() -> argparse.ArgumentParser:
     pri.add_argument("--probes", type=int, default=2, help="urgent and normal probes each")
     pri.add_argument("--timeout", type=float, default=300.0)
     pri.add_argument("--json", metavar="OUT")
+
+    hol = sub.add_parser("hol", help="short requests while hostile ones are being prepared")
+    hol.add_argument("--url", default="http://127.0.0.1:8000")
+    hol.add_argument("--model", required=True)
+    hol.add_argument("--hostile", type=int, default=1, help="hostile requests at once")
+    hol.add_argument("--messages", type=int, default=50_001, help="messages in each")
+    hol.add_argument("--message-text", default="hi there, how are you? " * 4)
+    hol.add_argument("--probes", type=int, default=20, help="short requests")
+    hol.add_argument("--interval", type=float, default=0.1, help="between short requests, s")
+    hol.add_argument("--timeout", type=float, default=300.0)
+    hol.add_argument("--json", metavar="OUT")
 
     cmp_ = sub.add_parser("compare", help="WiCore vs llama-cpp-python's server, same model")
     cmp_.add_argument("--model", required=True, help="GGUF file")
@@ -986,6 +1054,19 @@ def _dispatch(args: argparse.Namespace) -> int:
              f"normal TTFT: {_fmt(report['normal_ttft'], 1000)} ms; errors {report['errors']}")
         _write_json(args.json, report)
         return 1 if report["errors"] else 0
+    if args.command == "hol":
+        report = asyncio.run(run_hol(HolConfig(
+            url=args.url, model=args.model, hostile=args.hostile, messages=args.messages,
+            message_text=args.message_text, probes=args.probes, interval_s=args.interval,
+            timeout_s=args.timeout,
+        )))
+        h, short = report["hostile"], report["short"]
+        emit(f"hostile: {h['count']} x {h['messages']} messages ({h['body_bytes']} bytes): "
+             f"statuses {h['statuses']}, seconds {h['seconds']}")
+        emit(f"short: {short['ok']}/{short['count']} ok, p50 {_fmt(short['p50_s'], 1000)} ms, "
+             f"max {_fmt(short['max_s'], 1000)} ms")
+        _write_json(args.json, report)
+        return 0 if short["ok"] == short["count"] else 1
     return asyncio.run(compare(args))
 
 
