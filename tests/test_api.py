@@ -310,20 +310,27 @@ async def test_max_tokens_is_clipped_to_the_context(demo_model_path):
 
     Its own server with a 256-token context (`max_seq_len`), so the prompt and the room left
     are small and quick on any machine, and a request deadline no slow machine reaches."""
-    config = make_config(demo_model_path, max_seq_len=256, request_timeout_s=3600)
+    limit = 256
+    config = make_config(demo_model_path, max_seq_len=limit, request_timeout_s=3600)
+
+    def words(n: int) -> list[dict]:
+        return [{"role": "user", "content": "hello world " * n}]
+
     async with serve_in_process(config) as served:
-        limit = 256
-        for words in range(40, 200, 20):  # the longest prompt that still fits
-            text = "hello world " * words
-            status, body, _ = await served.chat([{"role": "user", "content": text}],
-                                                max_tokens=100000, temperature=0)
-            if status != 200:
-                break
-            usage = body["usage"]
-            assert usage["total_tokens"] <= limit
-            assert usage["completion_tokens"] >= 1
-            if body["choices"][0]["finish_reason"] == "length":
-                assert usage["total_tokens"] == limit
-            last_fitting = usage["prompt_tokens"]
+        # How many tokens a repeat costs, to build a prompt a few tokens short of the limit.
+        _, small, _ = await served.chat(words(10), max_tokens=1)
+        _, large, _ = await served.chat(words(20), max_tokens=1)
+        per_repeat = (large["usage"]["prompt_tokens"] - small["usage"]["prompt_tokens"]) / 10
+        base = small["usage"]["prompt_tokens"] - 10 * per_repeat
+        n = int((limit - 8 - base) / per_repeat)
+        status, body, _ = await served.chat(words(n), max_tokens=100000, temperature=0)
+        assert status == 200, body
+        usage = body["usage"]
+        assert limit - 20 < usage["prompt_tokens"] < limit
+        assert 1 <= usage["completion_tokens"] <= limit - usage["prompt_tokens"]
+        assert usage["total_tokens"] <= limit
+        if body["choices"][0]["finish_reason"] == "length":
+            assert usage["total_tokens"] == limit
+        # A little more and it no longer fits at all.
+        status, body, _ = await served.chat(words(n + int(20 / per_repeat) + 1), max_tokens=1)
         assert status == 400 and body["error"]["code"] == "context_length_exceeded", body
-        assert last_fitting > limit - 60  # the loop did reach a prompt near the limit

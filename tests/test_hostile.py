@@ -173,7 +173,13 @@ async def test_an_idle_kept_alive_connection_is_closed(strict):
         writer.close()
 
 
-async def test_blank_lines_forever_get_408(strict):
+def no_errors_logged(caplog) -> None:
+    bad = [(r.name, r.getMessage()) for r in caplog.records
+           if r.levelno >= logging.ERROR or r.exc_info]
+    assert not bad, bad
+
+
+async def test_blank_lines_forever_get_408(strict, caplog):
     reader, writer = await connect(strict)
     try:
         writer.write(b"\r\n\r\n\r\n\r\n")
@@ -182,6 +188,7 @@ async def test_blank_lines_forever_get_408(strict):
         assert "headers" in response.error()["message"]
     finally:
         writer.close()
+    no_errors_logged(caplog)
 
 
 async def test_headers_sent_a_byte_at_a_time_get_408(strict):
@@ -204,7 +211,7 @@ async def test_headers_sent_a_byte_at_a_time_get_408(strict):
         writer.close()
 
 
-async def test_a_body_that_never_completes_gets_408(strict):
+async def test_a_body_that_never_completes_gets_408(strict, caplog):
     reader, writer = await connect(strict)
     try:
         writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
@@ -215,6 +222,7 @@ async def test_a_body_that_never_completes_gets_408(strict):
         assert "body" in response.error()["message"]
     finally:
         writer.close()
+    no_errors_logged(caplog)
 
 
 async def test_deadlines_do_not_touch_a_request_that_is_running(strict):
