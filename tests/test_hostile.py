@@ -342,6 +342,24 @@ async def test_a_lane_full_of_waiting_prompts_answers_429(demo_model_path):
         await asyncio.to_thread(tokenizer.close)
 
 
+async def test_a_killed_tokenizer_helper_is_replaced(api):
+    """A helper that dies costs the requests it was holding a 503; the next ones are served
+    by a new helper, in both lanes."""
+    # The long one is too long once tokenized: a quick 400, no long prefill.
+    cases = (("short", HELLO, 200), ("long", many_turns(257, "hello world " * 17), 400))
+    for lane, messages, status_after in cases:
+        pid = tokenizer_pids(api)[lane]
+        with frozen(pid):
+            waiting = asyncio.create_task(api.chat(messages, max_tokens=1))
+            await asyncio.sleep(0.2)
+            os.kill(pid, signal.SIGKILL)
+        status, body, headers = await asyncio.wait_for(waiting, WAIT_S)
+        assert status == 503 and "Retry-After" in headers, body
+        status, body, _ = await asyncio.wait_for(api.chat(messages, max_tokens=1), WAIT_S)
+        assert status == status_after, body
+        assert tokenizer_pids(api)[lane] not in (None, pid)
+
+
 # -- validation ----------------------------------------------------------------------------------
 
 

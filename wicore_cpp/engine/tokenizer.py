@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from wicore_cpp.errors import InvalidRequest, RateLimited, ServiceUnavailable
+from wicore_cpp.errors import InvalidRequest, RateLimited, ServiceUnavailable, WicoreError
 
 log = logging.getLogger("wicore.tokenizer")
 
@@ -182,12 +182,21 @@ class _HelperLane:
         )
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` in the helper; ServiceUnavailable if it died (a new one starts)."""
+        """`fn(*args)` in the helper; ServiceUnavailable if it died (a new one starts),
+        RateLimited if `max_waiting` calls wait already."""
         if self.num_waiting >= self.max_waiting:
             raise RateLimited(
                 f"{self.num_waiting} prompts are already waiting to be tokenized in the "
                 f"{self.lane.value} lane", retry_after=1)
         self.num_waiting += 1
+        try:
+            if self.pid is None:  # a new helper: learn its pid first
+                self.pid = (await self._call(_child_info)).pid
+            return await self._call(fn, *args)
+        finally:
+            self.num_waiting -= 1
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         except BrokenProcessPool:
@@ -197,13 +206,9 @@ class _HelperLane:
             self.pid = None
             raise ServiceUnavailable("the tokenizer restarted; retry the request",
                                      retry_after=1) from None
-        finally:
-            self.num_waiting -= 1
 
     async def start(self) -> HelperInfo:
-        info = await self.run(_child_info)
-        self.pid = info.pid
-        return info
+        return await self.run(_child_info)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -220,13 +225,18 @@ class PromptTokenizer:
 
     async def start(self) -> None:
         """Load the vocabulary in both helpers now, so the first request does not pay for it."""
-        await self.bounds()
+        try:
+            await self.bounds()
+        except WicoreError as exc:  # the next request tries again
+            log.error("tokenizer helpers did not start: %s", exc.message)
 
     async def bounds(self) -> PromptBounds:
-        """The model's prompt bounds (known once the helpers have loaded)."""
-        if self._started is None:
-            self._started = asyncio.ensure_future(self._start())
-        return await asyncio.shield(self._started)
+        """The model's prompt bounds (known once the helpers have loaded). Raises
+        ServiceUnavailable when a helper died starting; the next call starts again."""
+        started = self._started
+        if started is None or (started.done() and (started.cancelled() or started.exception())):
+            self._started = started = asyncio.ensure_future(self._start())
+        return await asyncio.shield(started)
 
     async def _start(self) -> PromptBounds:
         infos = await asyncio.gather(*(helper.start() for helper in self._lanes.values()))
