@@ -248,13 +248,20 @@ async def test_deadlines_do_not_touch_a_request_that_is_running(strict):
 async def test_connections_over_the_cap_get_503_and_the_cap_frees_up(demo_model_path):
     config = make_config(demo_model_path, max_connections=3)
     async with serve_in_process(config) as served:
-        # The test's own HTTP session holds one connection (kept alive from wait_healthy).
-        held = []
-        for _ in range(2):
+        await served.session.close()  # its kept-alive connection goes (once the server sees it)
+        held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+        async def hold_one() -> bool:
+            """Open a connection and keep it if it is admitted; True once three are held."""
             reader, writer = await connect(served)
             writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert b" 200 " in await reader.readuntil(b"\r\n")
-            held.append((reader, writer))
+            if b" 200 " in await reader.readuntil(b"\r\n"):
+                held.append((reader, writer))
+            else:
+                writer.close()
+            return len(held) == 3
+
+        await until(hold_one, what="three connections admitted")
         response = await exchange(served, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert response.status == 503
         assert "max_connections=3" in response.error()["message"]

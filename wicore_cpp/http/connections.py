@@ -265,12 +265,12 @@ class GuardedServer(web.Server):
         self.num_open = 0
         self.num_refused = 0
         self._protocol_kwargs = protocol_kwargs
-        self._loop_ = asyncio.get_running_loop()
+        self._event_loop = asyncio.get_running_loop()
         self._last_refusal_log = -math.inf
         self._refused_since_log = 0
 
     def __call__(self) -> GuardedRequestHandler:
-        return GuardedRequestHandler(self, loop=self._loop_, **self._protocol_kwargs)
+        return GuardedRequestHandler(self, loop=self._event_loop, **self._protocol_kwargs)
 
     def note_refused(self) -> None:
         self.num_refused += 1
