@@ -58,10 +58,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Tests assert outcomes and order, never how fast a shared CI machine is: no request may run into
+# the 30 s default deadline because the machine is busy. Tests of the deadline set a short one.
+TEST_REQUEST_TIMEOUT_S = 3600
+
+
 def make_config(model_path: Path, **overrides) -> Config:
     flags = {"model": str(model_path), "model_id": MODEL_ID, "rate_limit_per_minute": 0,
              "threads": 2, "ctx_size": 16384, "log_level": "WARNING",
-             "flash_attn": "off"}
+             "flash_attn": "off", "request_timeout_s": TEST_REQUEST_TIMEOUT_S}
     flags.update(overrides)
     return load_config(environ={}, flags=flags)
 
@@ -172,7 +177,8 @@ def start_server(demo_model_path, tmp_path) -> Iterator:
         log_path = tmp_path / f"server-{port}.log"
         cmd = [sys.executable, "-m", "wicore_cpp", "serve", "--model", str(model or demo_model_path),
                "--model-id", MODEL_ID, "--port", str(port), "--threads", "2",
-               "--ctx-size", "16384", "--rate-limit-per-minute", "0", "--flash-attn", "off", *extra]
+               "--ctx-size", "16384", "--rate-limit-per-minute", "0", "--flash-attn", "off",
+               "--request-timeout-s", str(TEST_REQUEST_TIMEOUT_S), *extra]
         proc = subprocess.Popen(cmd, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
                                 cwd=ROOT, env={**os.environ, **(env or {})})
         server = ServerProcess(f"http://127.0.0.1:{port}", proc, log_path)
