@@ -262,7 +262,7 @@ async def test_multibyte_characters_are_never_split(api, demo_model_path):
         ({"stream": "yes"}, "stream"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"seed": "x"}, "seed"),
-        ({"n": 3}, "n"),
+        ({"n": 5}, "n"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
         ({"messages": [{"role": "user"}]}, "messages[0].content"),

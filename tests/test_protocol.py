@@ -7,12 +7,8 @@ import pytest
 
 from wicore_cpp.engine.messages import SamplingParams
 from wicore_cpp.errors import InvalidRequest
-from wicore_cpp.http.protocol import (
-    ChunkEncoder,
-    chat_completion,
-    parse_chat_request,
-    usage,
-)
+from wicore_cpp.http.chat_protocol import chat_choice, chat_completion, parse_chat_request
+from wicore_cpp.http.protocol import ChunkEncoder, usage
 
 USER = {"role": "user", "content": "Hello"}
 MISSING = object()  # a field left out of the body
@@ -60,7 +56,7 @@ def test_full_body_from_api_document():
 
 
 def test_unknown_fields_ignored():
-    req = parse_chat_request(body(logit_bias={"1": 2}, tools=[], foo="bar"))
+    req = parse_chat_request(body(foo="bar", guided_json={"type": "object"}))
     assert req.messages[0].text() == "Hello"
 
 
@@ -74,7 +70,7 @@ def test_content_as_text_parts_joined_with_newline():
     req = parse_chat_request(body(messages=[{"role": "user", "content": [
         {"type": "text", "text": "first"}, {"type": "text", "text": "second"}]}]))
     assert req.messages[0].text() == "first\nsecond"
-    assert req.template_messages() == [{"role": "user", "content": "first\nsecond"}]
+    assert req.engine_messages() == [{"role": "user", "content": "first\nsecond"}]
 
 
 def test_template_messages_map_developer_to_system():
@@ -84,7 +80,7 @@ def test_template_messages_map_developer_to_system():
         {"role": "user", "content": "Q"},
         {"role": "assistant", "content": "A"},
     ]))
-    assert req.template_messages() == [
+    assert req.engine_messages() == [
         {"role": "system", "content": "Be brief."},
         {"role": "system", "content": "Sys."},
         {"role": "user", "content": "Q"},
@@ -123,7 +119,9 @@ def test_non_object_body(raw):
         ({"messages": "Hello"}, "messages"),
         ({"messages": None}, "messages"),
         ({"messages": [{"role": "bot", "content": "x"}]}, "messages[0].role"),
-        ({"messages": [USER, {"role": "tool", "content": "x"}]}, "messages[1].role"),
+        ({"messages": [USER, {"role": "tool", "content": "x"}]}, "messages[1]"),
+        ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": []}]}, "messages[0].content"),
         ({"messages": [{"role": "user"}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": [
@@ -147,7 +145,20 @@ def test_non_object_body(raw):
         ({"stop": ""}, "stop"),
         ({"stop": ["ok", ""]}, "stop"),
         ({"stop": 7}, "stop"),
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
+        ({"top_k": -2}, "top_k"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({"top_logprobs": 2}, "body"),
+        ({"tool_choice": "required"}, "body"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]},
+         "tools[0].function.name"),
+        ({"tools": [{"type": "code_interpreter"}]}, "tools[0].type"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"response_format": {"type": "yaml"}}, "response_format.type"),
         ({"model": 3}, "model"),
         ({"seed": 1.5}, "seed"),
         ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
@@ -161,6 +172,88 @@ def test_invalid_parameter_names_param(fields, param):
     assert err.type == "invalid_request_error"
     assert f"'{param}'" in err.message
     assert err.to_dict()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("field, value", [
+    ("audio", {"voice": "alloy", "format": "mp3"}),
+    ("modalities", ["text", "audio"]),
+    ("prediction", {"type": "content", "content": "x"}),
+    ("web_search_options", {}),
+    ("functions", [{"name": "f"}]),
+    ("function_call", "auto"),
+    ("reasoning_effort", "low"),
+    ("store", True),
+    ("service_tier", "flex"),
+])
+def test_fields_openai_defines_but_not_honoured_are_refused(field, value):
+    err = parse_error(body(**{field: value}))
+    assert err.param == field and err.status == 400
+    assert err.to_dict()["error"]["code"] == "unsupported_parameter"
+    assert f"'{field}'" in err.message
+
+
+@pytest.mark.parametrize("field, value", [
+    ("audio", None), ("modalities", ["text"]), ("store", False), ("service_tier", "auto"),
+    ("web_search_options", None), ("prediction", None),
+])
+def test_refused_fields_with_harmless_values_are_accepted(field, value):
+    assert parse_chat_request(body(**{field: value})).messages
+
+
+def test_null_means_the_default():
+    nulls = {name: None for name in (
+        "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+        "min_p", "frequency_penalty", "presence_penalty", "logit_bias", "stream",
+        "stream_options", "stop", "seed", "n", "logprobs", "top_logprobs", "tools",
+        "tool_choice", "parallel_tool_calls", "response_format", "user", "metadata")}
+    req = parse_chat_request(body(**nulls))
+    assert req.to_sampling_params(5) == parse_chat_request(body()).to_sampling_params(5)
+    assert req.tool_spec() is None and req.output_format() is None
+
+
+def test_tool_conversation_messages():
+    req = parse_chat_request(body(messages=[
+        USER,
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "f", "arguments": '{"x": 1}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+    ]))
+    assert req.engine_messages()[1:] == [
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "call_1", "name": "f", "arguments": '{"x": 1}'}]},
+        {"role": "tool", "content": "42", "tool_call_id": "call_1"},
+    ]
+
+
+def test_tool_spec_and_output_format():
+    fn = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    req = parse_chat_request(body(tools=[fn], tool_choice={"type": "function",
+                                                           "function": {"name": "f"}},
+                                  parallel_tool_calls=False))
+    spec = req.tool_spec()
+    assert (spec.choice, spec.named, spec.parallel) == ("function", "f", False)
+    assert parse_chat_request(body(tools=[fn])).tool_spec().choice == "auto"
+    err = parse_error(body(tools=[fn], tool_choice={"type": "function",
+                                                    "function": {"name": "g"}}))
+    assert "'g'" in err.message
+    fmt = parse_chat_request(body(response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string"}}}))
+    assert fmt.output_format().schema == {"type": "string"}
+    assert parse_chat_request(body(response_format={"type": "text"})).output_format() is None
+
+
+def test_extended_sampling_fields_reach_the_engine():
+    params = parse_chat_request(body(
+        top_k=40, min_p=0.05, repeat_penalty=1.1, logit_bias={"17": -100, "3": 2.5},
+        logprobs=True, top_logprobs=3, n=2)).to_sampling_params(9)
+    assert (params.top_k, params.min_p, params.repetition_penalty) == (40, 0.05, 1.1)
+    assert params.logit_bias == ((17, -100.0), (3, 2.5))
+    assert (params.logprobs, params.n) == (3, 2)
+    assert parse_chat_request(body(logprobs=True)).to_sampling_params(1).logprobs == 0
+    assert parse_chat_request(body(top_k=-1)).to_sampling_params(1).top_k == 0
+    err = parse_error(body(repetition_penalty=1.2, repeat_penalty=1.3))
+    assert err.param == "repeat_penalty"
 
 
 def test_four_stop_sequences_are_allowed():
@@ -216,8 +309,8 @@ def test_usage_totals():
 
 
 def test_chat_completion_shape_matches_api_document():
-    resp = chat_completion("req_1704067200123", 1704067200, "gemma-3-27b-it", "量子计算...",
-                           "stop", 15, list(range(128)))
+    choice = chat_choice(0, "量子计算...", [], "stop", None, list(range(128)))
+    resp = chat_completion("req_1704067200123", 1704067200, "gemma-3-27b-it", [choice], 15, 128)
     # Round-trip through JSON as the server does.
     resp = orjson.loads(orjson.dumps(resp))
     assert resp["id"] == "req_1704067200123"
@@ -234,7 +327,8 @@ def test_chat_completion_shape_matches_api_document():
 
 
 def test_chat_completion_without_token_ids():
-    resp = chat_completion("req_1", 1, "m", "", "length", 7, None)
+    resp = chat_completion("req_1", 1, "m", [chat_choice(0, "", [], "length", None, None)],
+                           7, 0)
     assert "token_ids" not in resp["choices"][0]
     assert resp["choices"][0]["finish_reason"] == "length"
     assert resp["usage"]["total_tokens"] == 7

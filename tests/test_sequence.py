@@ -43,7 +43,7 @@ def eog(seq: Sequence) -> tuple:
 
 
 def texts(updates: list[tuple]) -> list[str]:
-    return [u[1] for u in updates]
+    return [u[2] for u in updates]
 
 
 def test_initial_state():
@@ -62,8 +62,8 @@ def test_plain_text_is_emitted_immediately_without_stops():
     seq = make_seq()
     updates = feed(seq, ["Hel", "lo", " world"])
     assert texts(updates) == ["Hel", "lo", " world"]
-    assert [u[2] for u in updates] == [[100], [101], [102]]
-    assert all(u[0] == "req_t" and u[3] is None and u[4] is None for u in updates)
+    assert [u[3] for u in updates] == [[100], [101], [102]]
+    assert all(u[0] == "req_t" and u[4] is None and u[5] is None for u in updates)
     assert seq.num_generated == 3
 
 
@@ -100,16 +100,16 @@ def test_split_utf8_is_never_emitted_partially(pieces, full, stop):
     assert all("\ufffd" not in t for t in emitted), emitted
     assert "".join(emitted) == full
     # Each token id is reported once, even for pieces that produced no text yet.
-    assert [tid for u in updates for tid in u[2]] == [100 + i for i in range(len(pieces))]
+    assert [tid for u in updates for tid in u[3]] == [100 + i for i in range(len(pieces))]
 
 
 def test_partial_character_piece_reports_token_with_empty_text():
     seq = make_seq()
     (update,) = feed(seq, [EMOJI[:2]])
-    assert update[1] == ""
-    assert update[2] == [100]
+    assert update[2] == ""
+    assert update[3] == [100]
     (update,) = feed(seq, [EMOJI[2:]], first_token=101)
-    assert update[1] == "😀"
+    assert update[2] == "😀"
 
 
 # -- stop strings ----------------------------------------------------------------------------
@@ -121,7 +121,7 @@ def test_stop_spanning_pieces_is_never_emitted():
     emitted = texts(updates)
     assert "".join(emitted) == "xx "
     assert not any(ch in t for t in emitted for ch in "END")
-    assert updates[-1][3] == FINISH_STOP
+    assert updates[-1][4] == FINISH_STOP
     assert seq.finish_reason == FINISH_STOP
     assert seq.error is None
 
@@ -130,12 +130,12 @@ def test_stop_holds_back_only_what_could_begin_a_stop():
     seq = make_seq(stop=("END",))
     (update,) = feed(seq, ["hello world"])
     # No tail of "hello world" begins "END": nothing is held back.
-    assert update[1] == "hello world"
+    assert update[2] == "hello world"
     (update,) = feed(seq, ["and E"], first_token=101)
-    assert update[1] == "and "  # "E" could begin "END"
+    assert update[2] == "and "  # "E" could begin "END"
     (update,) = feed(seq, ["N"], first_token=102)
-    assert update[1] == ""  # "EN" still could
-    assert eog(seq)[1] == "EN"
+    assert update[2] == ""  # "EN" still could
+    assert eog(seq)[2] == "EN"
 
 
 def test_held_text_released_when_it_cannot_complete_a_stop():
@@ -144,21 +144,21 @@ def test_held_text_released_when_it_cannot_complete_a_stop():
     # "EN" could begin "END" but "ENX" cannot: all of it is released at once.
     assert "".join(texts(updates)) == "ENXyz"
     assert seq.finish_reason is None
-    assert eog(seq)[1] == ""  # nothing was held back
+    assert eog(seq)[2] == ""  # nothing was held back
 
 
 def test_stop_in_the_middle_of_one_piece_drops_the_rest():
     seq = make_seq(stop=("END",))
     updates = feed(seq, ["abc END def"])
     assert texts(updates) == ["abc "]
-    assert updates[0][3] == FINISH_STOP
+    assert updates[0][4] == FINISH_STOP
 
 
 def test_stop_at_very_start():
     seq = make_seq(stop=("<|x|>",))
     updates = feed(seq, ["<|", "x|", ">tail"])
     assert "".join(texts(updates)) == ""
-    assert updates[-1][3] == FINISH_STOP
+    assert updates[-1][4] == FINISH_STOP
 
 
 def test_multiple_stops_earliest_match_wins():
@@ -181,7 +181,7 @@ def test_multiple_stops_shorter_one_completing_first_wins():
     assert "".join(texts(updates)) == "xA"
     assert seq.finish_reason == FINISH_STOP
     # Finished at the token that completed "BC": the later "D" produced nothing.
-    assert updates[3][3] == FINISH_STOP
+    assert updates[3][4] == FINISH_STOP
 
 
 def test_stop_with_multibyte_characters_split_across_pieces():
@@ -208,9 +208,9 @@ def test_eog_finishes_with_stop_and_flushes_held_text():
     updates = feed(seq, ["The answer", " is 4 <end"])
     assert "".join(texts(updates)) == "The answer is 4 "  # "<end" is held back
     final = eog(seq)
-    assert final[3] == FINISH_STOP
-    assert final[2] == []  # the EOG token itself is not output
-    assert "".join(texts(updates)) + final[1] == "The answer is 4 <end"
+    assert final[4] == FINISH_STOP
+    assert final[3] == []  # the EOG token itself is not output
+    assert "".join(texts(updates)) + final[2] == "The answer is 4 <end"
     assert seq.num_generated == 2
     assert seq.last_token == EOG
 
@@ -218,22 +218,22 @@ def test_eog_finishes_with_stop_and_flushes_held_text():
 def test_eog_without_stops():
     seq = make_seq()
     feed(seq, ["a"])
-    assert eog(seq) == ("req_t", "", [], FINISH_STOP, None)
+    assert eog(seq) == ("req_t", 0, "", [], FINISH_STOP, None, None)
 
 
 def test_max_tokens_finishes_with_length_and_flushes():
     seq = make_seq(max_tokens=3, stop=("NEVER",))
     updates = feed(seq, ["one", " two", " three"])
-    assert [u[3] for u in updates] == [None, None, FINISH_LENGTH]
+    assert [u[4] for u in updates] == [None, None, FINISH_LENGTH]
     assert "".join(texts(updates)) == "one two three"
     assert seq.num_generated == 3
-    assert [tid for u in updates for tid in u[2]] == [100, 101, 102]
+    assert [tid for u in updates for tid in u[3]] == [100, 101, 102]
 
 
 def test_max_tokens_one():
     seq = make_seq(max_tokens=1)
     (update,) = feed(seq, ["x"])
-    assert update == ("req_t", "x", [100], FINISH_LENGTH, None)
+    assert update == ("req_t", 0, "x", [100], FINISH_LENGTH, None, None)
 
 
 @pytest.mark.parametrize("reason, error", [(FINISH_CANCELLED, None),
@@ -242,7 +242,7 @@ def test_finish_from_outside(reason, error):
     seq = make_seq()
     feed(seq, ["partial"])
     seq.finish(reason, error)
-    assert seq.take_update() == ("req_t", "", [], reason, error)
+    assert seq.take_update() == ("req_t", 0, "", [], reason, error, None)
     # A second finish does not overwrite the first.
     seq.finish(FINISH_ERROR, "later")
     assert (seq.finish_reason, seq.error) == (reason, error)

@@ -80,6 +80,14 @@ class Config(BaseModel):
     prefill_chunk: int = Field(
         512, ge=16, le=8192, description="Most tokens in one decode step (long prompts are split)."
     )
+    max_choices: int = Field(
+        4, ge=1, le=64, description="Largest `n` (choices per request), at most max_batch_size: "
+        "the choices share one prefill and each takes a sequence slot.",
+    )
+    grammar_budget_ms: int = Field(
+        500, ge=0, description="Most time one step may spend looking for a token that a "
+        "request's JSON schema or tool grammar allows; past it that request fails.",
+    )
     max_concurrent_requests: int = Field(
         32, ge=1, description="Requests admitted (running or queued) before 429."
     )

@@ -37,6 +37,10 @@ class WicoreError(Exception):
         self.param = param
         self.retry_after = retry_after
 
+    def __reduce__(self):
+        # Pickled across the tokenizer helper's process boundary; keep `param` and the rest.
+        return (_rebuild, (type(self), self.message, self.param, self.retry_after))
+
     def to_dict(self) -> dict:
         return {
             "error": {
@@ -55,6 +59,18 @@ class InvalidRequest(WicoreError):
 
 class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
+
+
+class UnsupportedParameter(InvalidRequest):
+    """A field OpenAI defines that this server does not honour: refused, never ignored."""
+
+    code = "unsupported_parameter"
+
+
+class UnsupportedValue(InvalidRequest):
+    """A value this server cannot honour, e.g. a JSON-schema keyword it cannot enforce."""
+
+    code = "unsupported_value"
 
 
 class ModelNotFound(WicoreError):
@@ -105,6 +121,11 @@ class GenerationFailed(WicoreError):
 
     status = 500
     type = "server_error"
+
+
+def _rebuild(cls: type[WicoreError], message: str, param: str | None,
+             retry_after: float | None) -> WicoreError:
+    return cls(message, param=param, retry_after=retry_after)
 
 
 class ModelFileError(Exception):

@@ -16,10 +16,12 @@ and src/llama-batch.cpp of llama-cpp-python 0.3.36):
 from __future__ import annotations
 
 import ctypes
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp as lc
+import numpy as np
 
 from wicore_cpp.engine.llama_log import llama_log
 from wicore_cpp.engine.messages import SamplingParams
@@ -95,13 +97,7 @@ class Model:
         """The bytes of one generated token (special tokens render as nothing). Cached."""
         cached = self._pieces.get(token)
         if cached is None:
-            buf = ctypes.create_string_buffer(64)
-            n = lc.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = lc.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
-            cached = buf.raw[: max(n, 0)]
-            self._pieces[token] = cached
+            cached = self._pieces[token] = self._to_piece(token, special=False)
         return cached
 
     def longest_piece_bytes(self) -> int:
@@ -117,6 +113,18 @@ class Model:
 
     def is_control(self, token: int) -> bool:
         return bool(lc.llama_vocab_is_control(self.vocab, token))
+
+    def special_piece(self, token: int) -> bytes:
+        """The bytes of a token as written in a prompt (`<start_of_turn>` included)."""
+        return self._to_piece(token, special=True)
+
+    def _to_piece(self, token: int, *, special: bool) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = lc.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = lc.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+        return buf.raw[: max(n, 0)]
 
     def is_eog(self, token: int) -> bool:
         cached = self._eog.get(token)
@@ -134,41 +142,230 @@ def supports_gpu_offload() -> bool:
     return bool(lc.llama_supports_gpu_offload())
 
 
-class Sampler:
-    """One sequence's sampler chain: penalty history and random state live in it."""
+# llama_token_data as numpy sees it: the constrained path builds candidate arrays in numpy.
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+assert _TOKEN_DATA.itemsize == ctypes.sizeof(lc.llama_token_data)
+# A grammar first looks for an allowed token among the most likely ones, then, if none is
+# allowed there, walks the rest of the vocabulary in chunks, checking its time budget between
+# chunks: a grammar's cost per step is bounded however many parse stacks it has.
+GRAMMAR_FIRST_CANDIDATES = 1024
+GRAMMAR_CHUNK = 32768
 
-    def __init__(self, params: SamplingParams, n_vocab: int):
-        self.ptr = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+
+class GrammarError(BackendError):
+    """A grammar llama.cpp refused, or one that allowed no token within its step budget."""
+
+
+def init_grammar(model: Model, grammar: str, triggers: tuple[str, ...] = ()):
+    """A llama.cpp grammar sampler (lazy when there are trigger patterns). Raises
+    GrammarError with llama.cpp's reason when it refuses the grammar."""
+    if triggers:
+        patterns = (ctypes.c_char_p * len(triggers))(*(t.encode() for t in triggers))
+        ptr = lc.llama_sampler_init_grammar_lazy_patterns(
+            model.vocab, grammar.encode(), b"root", patterns, len(triggers), None, 0)
+    else:
+        ptr = lc.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
+    if not ptr:
+        reason = model.llama_log.last_error or "llama.cpp refused it"
+        raise GrammarError(f"invalid grammar: {reason.strip()}")
+    return ptr
+
+
+class Sampler:
+    """One sequence's sampling: its chain (penalty history and random state live in it), its
+    grammar if its output is constrained, and its log-probabilities if it asked for them.
+
+    Unconstrained sequences sample with `llama_sampler_sample` (the candidates are built in C).
+    A constrained one never lets llama.cpp's grammar walk the whole vocabulary each step (262k
+    tokens for Gemma): it samples as if unconstrained, asks the grammar about that one token,
+    and only when it is refused samples again among the tokens the grammar allows, found from
+    the most likely down within `grammar_budget_s` (llama.cpp's common sampler does the same,
+    minus the budget). A grammar is only ever given tokens it allowed: llama.cpp aborts the
+    process on any other.
+    """
+
+    def __init__(self, params: SamplingParams, model: Model, *, choice: int = 0,
+                 prompt: list[int] | tuple[int, ...] = (), grammar_budget_s: float = 0.5):
+        """`choice` offsets the seed, so the `n` choices of a request differ under sampling.
+        `prompt` feeds the repetition penalty. Raises GrammarError for a grammar llama.cpp
+        refuses."""
+        self.ptr = None
+        self._post = None
+        self._grammar = None
+        self._n_vocab = n_vocab = model.info.n_vocab
+        self._budget_s = grammar_budget_s
+        self.num_logprobs = params.logprobs
+        self.last_logprob: tuple[float, tuple[tuple[int, float], ...]] | None = None
+        if params.grammar:
+            self._grammar = init_grammar(model, params.grammar, params.grammar_triggers)
+        pre = self._logit_stages(params, n_vocab, prompt)
+        post = self._selection_stages(params, choice)
+        if self._grammar is None:
+            self.ptr = _chain(pre + post)
+        else:
+            # The grammar goes between the logit adjustments and the selection, so two chains.
+            self.ptr = _chain(pre)
+            self._post = _chain(post)
+            self._cands = np.zeros(n_vocab, _TOKEN_DATA)
+            self._work = np.zeros(n_vocab, _TOKEN_DATA)
+            self._ids = np.arange(n_vocab, dtype=np.int32)
+            self._one = (lc.llama_token_data * 1)()
+
+    @staticmethod
+    def _logit_stages(params: SamplingParams, n_vocab: int, prompt) -> list:
+        stages = []
+        if params.logit_bias:
+            biases = (lc.llama_logit_bias * len(params.logit_bias))(
+                *(lc.llama_logit_bias(token, bias) for token, bias in params.logit_bias))
+            stages.append(lc.llama_sampler_init_logit_bias(n_vocab, len(params.logit_bias),
+                                                           biases))
+        if params.repetition_penalty != 1.0:
+            # vLLM's and llama-server's repetition penalty counts the prompt's tokens as well:
+            # its own stage, fed the prompt, beside OpenAI's penalties that count only output.
+            rep = lc.llama_sampler_init_penalties(
+                n_vocab, len(prompt) + params.max_tokens, params.repetition_penalty, 0.0, 0.0)
+            for token in prompt:
+                lc.llama_sampler_accept(rep, token)
+            stages.append(rep)
         if params.frequency_penalty or params.presence_penalty:
             # OpenAI penalises every generated token, so the window covers the whole
-            # completion; prompt tokens are never accepted into the chain.
-            lc.llama_sampler_chain_add(
-                self.ptr,
-                lc.llama_sampler_init_penalties(
-                    n_vocab,
-                    max(params.max_tokens, 1),
-                    1.0,
-                    params.frequency_penalty,
-                    params.presence_penalty,
-                ),
-            )
+            # completion; prompt tokens are never accepted into this stage.
+            stages.append(lc.llama_sampler_init_penalties(
+                n_vocab, max(params.max_tokens, 1), 1.0, params.frequency_penalty,
+                params.presence_penalty))
+        return stages
+
+    @staticmethod
+    def _selection_stages(params: SamplingParams, choice: int) -> list:
         if params.temperature == 0:
-            lc.llama_sampler_chain_add(self.ptr, lc.llama_sampler_init_greedy())
-        else:
-            # Temperature before top_p: OpenAI's nucleus is taken over the tempered distribution.
-            lc.llama_sampler_chain_add(self.ptr, lc.llama_sampler_init_temp(params.temperature))
-            if params.top_p < 1.0:
-                lc.llama_sampler_chain_add(self.ptr, lc.llama_sampler_init_top_p(params.top_p, 1))
-            seed = _RANDOM_SEED if params.seed is None else params.seed & 0xFFFFFFFF
-            lc.llama_sampler_chain_add(self.ptr, lc.llama_sampler_init_dist(seed))
+            return [lc.llama_sampler_init_greedy()]
+        # Temperature first, as vLLM does: OpenAI's nucleus is taken over the tempered
+        # distribution (top_k does not care; min_p is relative to the tempered top).
+        stages = [lc.llama_sampler_init_temp(params.temperature)]
+        if params.top_k > 0:
+            stages.append(lc.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0:
+            stages.append(lc.llama_sampler_init_top_p(params.top_p, 1))
+        if params.min_p > 0.0:
+            stages.append(lc.llama_sampler_init_min_p(params.min_p, 1))
+        seed = _RANDOM_SEED if params.seed is None else (params.seed + choice) & 0xFFFFFFFF
+        stages.append(lc.llama_sampler_init_dist(seed))
+        return stages
+
+    @property
+    def is_constrained(self) -> bool:
+        return self._grammar is not None
 
     def sample(self, ctx: BatchContext, batch_index: int) -> int:
-        return lc.llama_sampler_sample(self.ptr, ctx.ptr, batch_index)
+        """The next token from batch position `batch_index`, accepted into this sampler.
+        Sets `last_logprob` when log-probabilities were asked for. Raises GrammarError."""
+        if self._grammar is None:
+            token = lc.llama_sampler_sample(self.ptr, ctx.ptr, batch_index)
+        else:
+            token = self._sample_constrained(self._logits(ctx, batch_index))
+        if self.num_logprobs is not None:
+            self.last_logprob = self._logprob(self._logits(ctx, batch_index), token)
+        return token
+
+    def _logits(self, ctx: BatchContext, batch_index: int) -> np.ndarray:
+        ptr = lc.llama_get_logits_ith(ctx.ptr, batch_index)
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+
+    def _logprob(self, logits: np.ndarray,
+                 token: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+        """The model's own log-probability of `token` and its `num_logprobs` most likely
+        tokens (log-softmax of the raw logits, before penalties, temperature or grammar)."""
+        top = logits.max()
+        lse = float(top) + float(np.log(np.exp(logits - top, dtype=np.float64).sum()))
+        k = self.num_logprobs or 0
+        alternatives: tuple[tuple[int, float], ...] = ()
+        if k:
+            best = np.argpartition(logits, -k)[-k:]
+            best = best[np.argsort(-logits[best], kind="stable")]
+            alternatives = tuple((int(t), float(logits[t]) - lse) for t in best)
+        return float(logits[token]) - lse, alternatives
+
+    def _sample_constrained(self, logits: np.ndarray) -> int:
+        cands = self._cands
+        cands["id"] = self._ids
+        cands["logit"] = logits
+        cands["p"] = 0.0
+        lc.llama_sampler_apply(self.ptr, ctypes.byref(_array_of(cands)))  # bias, penalties
+        work = self._work
+        work[:] = cands
+        token = self._select(work)
+        if not self._allows(token):
+            token = self._select(self._allowed_candidates(cands))
+        lc.llama_sampler_accept(self._grammar, token)
+        lc.llama_sampler_accept(self.ptr, token)
+        lc.llama_sampler_accept(self._post, token)
+        return token
+
+    def _select(self, cands: np.ndarray) -> int:
+        """Run the selection stages (temperature, truncation, draw) over `cands`."""
+        arr = _array_of(cands)
+        lc.llama_sampler_apply(self._post, ctypes.byref(arr))
+        if not 0 <= arr.selected < arr.size:
+            raise GrammarError("sampling selected no token")
+        return int(cands["id"][arr.selected])
+
+    def _allows(self, token: int) -> bool:
+        one = self._one
+        one[0].id = token
+        one[0].logit = 0.0
+        one[0].p = 0.0
+        arr = lc.llama_token_data_array(one, 1, -1, False)
+        lc.llama_sampler_apply(self._grammar, ctypes.byref(arr))
+        return one[0].logit != -np.inf
+
+    def _mask(self, cands: np.ndarray) -> np.ndarray:
+        """The candidates the grammar allows (a contiguous copy)."""
+        lc.llama_sampler_apply(self._grammar, ctypes.byref(_array_of(cands)))
+        return cands[np.isfinite(cands["logit"])]
+
+    def _allowed_candidates(self, cands: np.ndarray) -> np.ndarray:
+        started = time.monotonic()
+        n = len(cands)
+        k = min(GRAMMAR_FIRST_CANDIDATES, n)
+        best = np.argpartition(cands["logit"], n - k)[n - k:]
+        allowed = self._mask(cands[best])
+        if len(allowed):
+            return allowed
+        rest = np.ones(n, dtype=bool)
+        rest[best] = False
+        rest_idx = np.flatnonzero(rest)
+        found = []
+        for start in range(0, len(rest_idx), GRAMMAR_CHUNK):
+            if time.monotonic() - started > self._budget_s:
+                raise GrammarError(
+                    f"the output grammar found no allowed token within "
+                    f"{self._budget_s * 1000:.0f} ms; the schema is too complex")
+            chunk = self._mask(cands[rest_idx[start:start + GRAMMAR_CHUNK]])
+            if len(chunk):
+                found.append(chunk)
+        if not found:
+            raise GrammarError("the output grammar allows no token here")
+        return np.concatenate(found)
 
     def free(self) -> None:
-        if self.ptr:
-            lc.llama_sampler_free(self.ptr)
-            self.ptr = None
+        for name in ("ptr", "_post", "_grammar"):
+            ptr = getattr(self, name)
+            if ptr:
+                lc.llama_sampler_free(ptr)
+                setattr(self, name, None)
+
+
+def _chain(stages: list):
+    chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+    for stage in stages:
+        lc.llama_sampler_chain_add(chain, stage)  # the chain owns its stages from here
+    return chain
+
+
+def _array_of(cands: np.ndarray) -> lc.llama_token_data_array:
+    """A llama_token_data_array over a contiguous numpy candidate array (no copy)."""
+    return lc.llama_token_data_array(
+        cands.ctypes.data_as(lc.llama_token_data_p), len(cands), -1, False)
 
 
 class BatchContext:
@@ -234,6 +431,11 @@ class BatchContext:
 
     def pos_max(self, seq_id: int) -> int:
         return lc.llama_memory_seq_pos_max(self.memory, seq_id)
+
+    def copy_sequence(self, src: int, dst: int) -> None:
+        """Give sequence `dst` (empty) all of `src`'s KV cells; shared, not copied, in the
+        unified pool."""
+        lc.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
 
     def drop_sequence(self, seq_id: int) -> None:
         lc.llama_memory_seq_rm(self.memory, seq_id, -1, -1)

@@ -3,7 +3,8 @@
 Every `step()` builds one batch: a token for each sequence that is generating, then prompt
 chunks of sequences still prefilling in the room left (at most `n_batch` tokens in all), so a
 long prompt is spread over several steps while running streams keep getting a token per step.
-New requests join between steps; finished ones leave and free their KV cells at once.
+New requests join between steps; finished ones leave and free their KV cells at once. A request
+with `n` choices prefills once and then runs as `n` sequences (`_fan_out_choices`).
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-from wicore_cpp.engine.backend import BatchContext, Model, Sampler
+from wicore_cpp.engine.backend import BatchContext, GrammarError, Model, Sampler
 from wicore_cpp.engine.messages import (
     FINISH_CANCELLED,
     FINISH_ERROR,
+    FINISH_LENGTH,
     GenerateRequest,
     SeqUpdate,
+    TokenLogprob,
 )
 from wicore_cpp.engine.sequence import Sequence
 
@@ -26,19 +29,21 @@ log = logging.getLogger("wicore.batcher")
 
 class ContinuousBatcher:
     def __init__(self, model: Model, ctx: BatchContext, max_batch_size: int | None = None,
-                 sample_threads: int = 1):
+                 sample_threads: int = 1, grammar_budget_s: float = 0.5):
         self.model = model
         self.ctx = ctx
         # Slots beyond max_batch_size are for urgent requests; a step still decodes at most
         # max_batch_size sequences, pausing the lowest-priority ones.
         self.max_batch_size = max_batch_size or ctx.n_seq_max
+        self.grammar_budget_s = grammar_budget_s
         # Sampling walks the whole vocabulary once per sequence (262k entries for Gemma 3),
         # in C with the GIL released, so a step's sequences are sampled in parallel chunks.
         self._num_chunks = max(1, sample_threads)
         self._pool = ThreadPoolExecutor(self._num_chunks - 1) if self._num_chunks > 1 else None
         self._free_slots = deque(range(ctx.n_seq_max))
         self._pending: deque[GenerateRequest] = deque()
-        self._active: dict[str, Sequence] = {}  # admission order = prefill order
+        # (request id, choice index) -> sequence; admission order = prefill order
+        self._active: dict[tuple[str, int], Sequence] = {}
         self._reserved = 0  # KV cells promised to active sequences
         self._updates: list[SeqUpdate] = []
 
@@ -54,39 +59,61 @@ class ContinuousBatcher:
         self._pending.append(request)
 
     def cancel(self, request_id: str) -> None:
-        """Drop a request; its slot and KV cells are freed by the next step."""
-        seq = self._active.get(request_id)
-        if seq is not None:
-            seq.finish(FINISH_CANCELLED)
+        """Drop a request (all its choices); slots and KV cells are freed by the next step."""
+        found = False
+        for (rid, _), seq in self._active.items():
+            if rid == request_id:
+                seq.finish(FINISH_CANCELLED)
+                found = True
+        if found:
             return
         for req in self._pending:
             if req.request_id == request_id:
                 self._pending.remove(req)
-                self._updates.append((request_id, "", [], FINISH_CANCELLED, None))
+                self._end_unstarted(req, FINISH_CANCELLED, None)
                 return
 
     def cancel_all(self) -> None:
-        for request_id in [r.request_id for r in self._pending] + list(self._active):
+        for request_id in {r.request_id for r in self._pending} | {k[0] for k in self._active}:
             self.cancel(request_id)
 
+    def _end_unstarted(self, req: GenerateRequest, reason: str, error: str | None) -> None:
+        for i in range(req.params.n):
+            self._updates.append((req.request_id, i, "", [], reason, error, None))
+
     def _admit(self) -> None:
-        # A sequence is admitted only when its whole prompt + completion fits in the KV pool
+        # A request is admitted only when its whole prompt + completions fit in the KV pool
         # beside the others, so a decode never runs out of cells halfway through a stream.
+        # Its choices share the prompt's cells.
         while self._pending and self._free_slots:
             req = self._pending[0]
-            need = len(req.prompt_tokens) + req.params.max_tokens
+            n = req.params.n
+            need = len(req.prompt_tokens) + n * req.params.max_tokens
             if need > self.ctx.n_ctx:
                 self._pending.popleft()
-                self._updates.append((req.request_id, "", [], FINISH_ERROR,
-                                      f"prompt + max_tokens ({need}) exceeds the KV cache "
-                                      f"({self.ctx.n_ctx} tokens)"))
+                self._end_unstarted(req, FINISH_ERROR,
+                                    f"prompt + max_tokens ({need}) exceeds the KV cache "
+                                    f"({self.ctx.n_ctx} tokens)")
                 continue
-            if self._reserved + need > self.ctx.n_ctx:
+            if self._reserved + need > self.ctx.n_ctx or len(self._free_slots) < n:
                 break
             self._pending.popleft()
-            sampler = Sampler(req.params, self.model.info.n_vocab)
-            seq = Sequence(req, self._free_slots.popleft(), sampler, need)
-            self._active[req.request_id] = seq
+            samplers: list[Sampler] = []
+            try:
+                for i in range(n):
+                    samplers.append(Sampler(req.params, self.model, choice=i,
+                                            prompt=req.prompt_tokens,
+                                            grammar_budget_s=self.grammar_budget_s))
+            except GrammarError as exc:
+                log.warning("request %s: %s", req.request_id, exc)
+                for sampler in samplers:
+                    sampler.free()
+                self._end_unstarted(req, FINISH_ERROR, str(exc))
+                continue
+            slots = [self._free_slots.popleft() for _ in range(n)]
+            seq = Sequence(req, slots[0], samplers[0], need)
+            seq.pending_choices = list(zip(slots[1:], samplers[1:], strict=True))
+            self._active[(req.request_id, 0)] = seq
             self._reserved += need
 
     def step(self) -> list[SeqUpdate]:
@@ -119,7 +146,10 @@ class ContinuousBatcher:
                 for pos in range(start, end):
                     idx = ctx.add(seq.prompt[pos], pos, seq.slot, pos == len(seq.prompt) - 1)
                 if end == len(seq.prompt):
-                    to_sample.append((seq, idx))
+                    if seq.params.max_tokens == 0:
+                        seq.finish(FINISH_LENGTH)  # a completion that only echoes its prompt
+                    else:
+                        to_sample.append((seq, idx))
                 progress.append((seq, take))
                 budget -= take
 
@@ -131,14 +161,58 @@ class ContinuousBatcher:
             else:
                 for seq, n in progress:
                     seq.n_cached += n
+                to_sample += self._fan_out_choices(to_sample)
         model = self.model
         for (seq, _), token in zip(to_sample, self._sample(to_sample), strict=True):
-            seq.accept(token, model.piece(token), model.is_eog(token))
+            if token < 0:
+                continue  # its sampler failed; the sequence is finished with the error
+            seq.accept(token, model.piece(token), model.is_eog(token),
+                       self._logprob_of(seq, token))
         return self._collect()
+
+    def _fan_out_choices(self, to_sample: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
+        """The other choices of requests whose prompt was just prefilled, ready to sample.
+
+        A request with n choices prefills its prompt once, in choice 0's slot. Then each other
+        choice gets those KV cells (`llama_memory_seq_cp` shares them in the unified pool,
+        nothing is copied) and its own sequence and sampler, and all n sample their first
+        token from the same logits.
+        """
+        added: list[tuple[Sequence, int]] = []
+        for seq, idx in to_sample:
+            if not seq.pending_choices:
+                continue
+            choices, seq.pending_choices = seq.pending_choices, []
+            max_tokens = seq.params.max_tokens
+            seq.reservation -= len(choices) * max_tokens
+            request = GenerateRequest(seq.request_id, seq.prompt, seq.params, seq.priority)
+            for i, (slot, sampler) in enumerate(choices, start=1):
+                self.ctx.copy_sequence(seq.slot, slot)
+                choice = Sequence(request, slot, sampler, max_tokens, index=i)
+                choice.n_cached = seq.n_cached
+                self._active[(seq.request_id, i)] = choice
+                added.append((choice, idx))
+        return added
+
+    def _logprob_of(self, seq: Sequence, token: int) -> TokenLogprob | None:
+        found = seq.sampler.last_logprob
+        if found is None:
+            return None
+        piece = self.model.piece
+        logprob, alternatives = found
+        return (piece(token), logprob, tuple((piece(t), lp) for t, lp in alternatives))
+
+    def _sample_one(self, seq: Sequence, idx: int) -> int:
+        try:
+            return seq.sampler.sample(self.ctx, idx)
+        except GrammarError as exc:
+            log.warning("request %s: %s", seq.request_id, exc)
+            seq.finish(FINISH_ERROR, str(exc))
+            return -1
 
     def _sample(self, to_sample: list[tuple[Sequence, int]]) -> list[int]:
         if self._pool is None or len(to_sample) < 2:
-            return [seq.sampler.sample(self.ctx, idx) for seq, idx in to_sample]
+            return [self._sample_one(seq, idx) for seq, idx in to_sample]
         # The first logits read may reorder llama.cpp's outputs: do it on this thread, so the
         # parallel samplers below only read.
         self.ctx.logits_ready(to_sample[0][1])
@@ -146,7 +220,7 @@ class ContinuousBatcher:
         chunks = [to_sample[i::n] for i in range(n)]
 
         def run(chunk: list[tuple[Sequence, int]]) -> list[int]:
-            return [seq.sampler.sample(self.ctx, idx) for seq, idx in chunk]
+            return [self._sample_one(seq, idx) for seq, idx in chunk]
 
         futures = [self._pool.submit(run, chunk) for chunk in chunks[1:]]
         results = [run(chunks[0])] + [f.result() for f in futures]
@@ -169,17 +243,36 @@ class ContinuousBatcher:
 
     def _collect(self) -> list[SeqUpdate]:
         updates, self._updates = self._updates, []
-        finished: list[Sequence] = []
-        for seq in self._active.values():
+        finished: list[tuple[tuple[str, int], Sequence]] = []
+        for key, seq in self._active.items():
             update = seq.take_update()
             if update is not None:
                 updates.append(update)
             if seq.finish_reason is not None:
-                finished.append(seq)
-        for seq in finished:
-            del self._active[seq.request_id]
-            self.ctx.drop_sequence(seq.slot)
-            seq.sampler.free()
-            self._free_slots.append(seq.slot)
-            self._reserved -= seq.reservation
+                finished.append((key, seq))
+        for key, seq in finished:
+            del self._active[key]
+            self._release(seq, updates)
         return updates
+
+    def _release(self, seq: Sequence, updates: list[SeqUpdate]) -> None:
+        """Free a finished sequence's slot, KV cells, sampler and reservation."""
+        self.ctx.drop_sequence(seq.slot)
+        seq.sampler.free()
+        self._free_slots.append(seq.slot)
+        for i, (slot, sampler) in enumerate(seq.pending_choices, start=1):
+            # Ended (cancelled, failed) before its choices were fanned out: they end with it.
+            sampler.free()
+            self._free_slots.append(slot)
+            updates.append((seq.request_id, i, "", [], seq.finish_reason, seq.error, None))
+        seq.pending_choices = []
+        # The prompt's cells stay while another choice still uses them: so does their share
+        # of the reservation (held by one live choice at a time).
+        prompt_share = seq.reservation - seq.params.max_tokens
+        if prompt_share > 0 and seq.params.n > 1:
+            survivor = next((s for (rid, _), s in self._active.items()
+                             if rid == seq.request_id and s.finish_reason is None), None)
+            if survivor is not None:
+                survivor.reservation += prompt_share
+                seq.reservation -= prompt_share
+        self._reserved -= seq.reservation

@@ -8,7 +8,8 @@ accepted (unknown model, draining, a full queue, a prompt too long) is raised by
 before the first event, as a `WicoreError` the edge maps to HTTP.
 
 The edge also imports the engine's request-side types from here (and only from here), so
-this module re-exports them.
+this module re-exports them: sampling parameters, the tool-call format (`ToolSpec`,
+`ToolCallParser`) and the output constraints (`ResponseFormat`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from wicore_cpp.config import Config
-from wicore_cpp.engine.messages import GenerateRequest, SamplingParams
+from wicore_cpp.engine.messages import GenerateRequest, SamplingParams, TokenLogprob
 from wicore_cpp.engine.queue import Priority
 from wicore_cpp.engine.request import (
     FINISH_TIMEOUT,
@@ -32,10 +34,19 @@ from wicore_cpp.engine.request import (
     new_request_id,
 )
 from wicore_cpp.engine.scheduler import Scheduler
+from wicore_cpp.engine.schema_grammar import check_schema
 from wicore_cpp.engine.stats import EngineStats, WorkerStats
-from wicore_cpp.engine.tokenizer import PromptSize, PromptTokenizer
+from wicore_cpp.engine.tokenizer import PromptJob, PromptTokenizer
+from wicore_cpp.engine.tool_calls import (
+    ToolCall,
+    ToolCallParser,
+    ToolFunction,
+    ToolSpec,
+    call_schema,
+    render_conversation,
+)
 from wicore_cpp.engine.workers import ModelFiles
-from wicore_cpp.errors import ContextLengthExceeded, ModelNotFound, excerpt
+from wicore_cpp.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, excerpt
 from wicore_cpp.gguf_file import GGUFFile
 
 __all__ = [
@@ -47,15 +58,32 @@ __all__ = [
     "Generation",
     "Priority",
     "RequestEnded",
+    "ResponseFormat",
     "SamplingParams",
     "ServedModel",
     "TokenDelta",
+    "TokenLogprob",
+    "ToolCall",
+    "ToolCallParser",
+    "ToolFunction",
+    "ToolSpec",
     "WorkerStats",
 ]
 
 log = logging.getLogger("wicore.engine")
 
 DEFAULT_CTX_SIZE = 32768
+CAPABILITIES = ("chat", "completions", "tools", "json_object", "json_schema", "logprobs",
+                "tokenize")
+MAX_TOP_LOGPROBS = 20
+
+# The lazy tool-call grammar (tool_choice "auto") takes over when the whole answer so far is
+# the start of a call, exactly as the grammar would write it (so what llama.cpp replays into
+# the grammar always fits it): `{"name": "` or `[{"name": "`, with the optional single
+# spaces the grammar allows. The list form only where the grammar allows several calls: a
+# replayed text the grammar refuses would abort the worker.
+CALL_TRIGGER = r'^\s*(\{ ?"name" ?: ?"?)$'
+CALLS_TRIGGER = r'^\s*(\[ ?\{ ?"name" ?: ?"?)$'
 
 
 @dataclass(slots=True, frozen=True)
@@ -65,7 +93,16 @@ class ServedModel:
     model_id: str
     created: int  # unix time of the model file
     context_length: int  # the longest sequence (prompt + completion) a request may have
-    capabilities: tuple[str, ...] = ("chat",)
+    capabilities: tuple[str, ...] = CAPABILITIES
+    max_choices: int = 1  # the largest `n`
+
+
+@dataclass(slots=True, frozen=True)
+class ResponseFormat:
+    """`response_format`: free text, any JSON object, or JSON following `schema`."""
+
+    type: str = "text"  # "text", "json_object" or "json_schema"
+    schema: Any = None
 
 
 class EngineHealth(enum.Enum):
@@ -93,6 +130,14 @@ class Generation:
     @property
     def num_prompt_tokens(self) -> int:
         return self._tracked.num_prompt_tokens
+
+    @property
+    def prompt_tokens(self) -> list[int]:
+        return self._tracked.generate.prompt_tokens
+
+    @property
+    def num_choices(self) -> int:
+        return self._tracked.num_choices
 
     def __aiter__(self) -> Generation:
         return self
@@ -126,9 +171,12 @@ class EngineClient:
             mid: PromptTokenizer(m.path, config.log_level, config.max_concurrent_requests)
             for mid, m in models.items()
         }
+        self.n_ctx = n_ctx
+        self.max_choices = min(config.max_choices, config.max_batch_size)
         self.models: dict[str, ServedModel] = {
             mid: ServedModel(mid, int(m.path.stat().st_mtime),
-                             self._scheduler.queues[mid].max_seq_len)
+                             self._scheduler.queues[mid].max_seq_len,
+                             max_choices=self.max_choices)
             for mid, m in models.items()
         }
         self.default_model_id = next(iter(models))
@@ -164,42 +212,113 @@ class EngineClient:
     async def generate(
         self,
         model_id: str | None,
-        messages: list[dict[str, str]],
+        messages: list[dict[str, Any]],
         params: SamplingParams,
         priority: Priority,
+        *,
+        tools: ToolSpec | None = None,
+        response_format: ResponseFormat | None = None,
     ) -> Generation:
         """Render and tokenize the conversation, check it fits, and queue it.
 
-        `params.max_tokens` is what the client asked for; it is capped by the context left
-        after the prompt. Raises a WicoreError when the request cannot be accepted.
+        `messages` are OpenAI's, as plain dicts: `role`, `content` (text or None), and
+        `tool_calls` ([{id, name, arguments}]) or `tool_call_id` where they apply. With
+        tools in use (not `none`), the tool list goes into the prompt (see tool_calls.py);
+        a forced call (`required`, a named function) is held to its schema by a grammar, and
+        so is a call the model starts by itself (`auto`). `response_format` holds the answer
+        to JSON. `params.max_tokens` is what the client asked for; it is capped by the
+        context left after the prompt. Raises a WicoreError when the request cannot be
+        accepted.
         """
         model = self.model(model_id)
+        self._check_params(params)
         self._scheduler.check_admission(model.model_id)
+        turns = render_conversation(messages, tools)
+        job = PromptJob(messages=turns, token_params=_bias_params(params),
+                        **_constraint(tools, response_format))
+        return await self._submit(model, job, params, priority, "messages")
+
+    async def complete(
+        self,
+        model_id: str | None,
+        prompt: str | list[int],
+        params: SamplingParams,
+        priority: Priority,
+    ) -> Generation:
+        """A plain completion of `prompt` (text, tokenized with the model's BOS; or token
+        ids, taken as they are), through the same queue, priorities and limits as chat."""
+        model = self.model(model_id)
+        self._check_params(params)
+        self._scheduler.check_admission(model.model_id)
+        if isinstance(prompt, str):
+            job = PromptJob(text=prompt, token_params=_bias_params(params))
+        else:
+            job = PromptJob(token_ids=list(prompt), token_params=_bias_params(params))
+        return await self._submit(model, job, params, priority, "prompt")
+
+    async def tokenize(self, model_id: str | None, text: str, *, add_special: bool = False,
+                       parse_special: bool = True,
+                       with_pieces: bool = False) -> list[int] | list[tuple[int, bytes]]:
+        """llama-server's /tokenize: token ids, or (id, bytes) pairs with `with_pieces`."""
+        model = self.model(model_id)
+        return await self._tokenizers[model.model_id].tokenize(
+            text, add_special=add_special, parse_special=parse_special, with_pieces=with_pieces)
+
+    async def detokenize(self, model_id: str | None, tokens: list[int]) -> str:
+        """The text of `tokens` (special tokens written out). InvalidRequest for an id that
+        is not in the vocabulary."""
+        model = self.model(model_id)
+        return await self._tokenizers[model.model_id].detokenize(tokens)
+
+    def _check_params(self, params: SamplingParams) -> None:
+        if params.n > self.max_choices:
+            raise InvalidRequest(f"n must be at most {self.max_choices} on this server",
+                                 param="n")
+        if params.logprobs is not None and not 0 <= params.logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}",
+                                 param="top_logprobs")
+
+    async def _submit(self, model: ServedModel, job: PromptJob, params: SamplingParams,
+                      priority: Priority, prompt_param: str) -> Generation:
         tokenizer = self._tokenizers[model.model_id]
         limit = model.context_length
         # What cannot fit however it tokenizes is refused before the costly part.
-        size = PromptSize.of(messages)
-        at_least = (await tokenizer.bounds()).min_tokens(size)
+        if job.token_ids is not None:
+            at_least = len(job.token_ids)
+        else:
+            at_least = (await tokenizer.bounds()).min_tokens(job.size)
         if at_least >= limit:
+            size = job.size
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {limit} tokens. However, your "
-                f"messages ({size.num_messages} messages, {size.num_bytes} bytes of text) "
+                f"{prompt_param} ({size.num_messages} messages, {size.num_bytes} bytes of text) "
                 f"come to at least {at_least} tokens.",
-                param="messages",
+                param=prompt_param,
             )
-        prompt = await tokenizer.encode_chat(messages, size)
-        if len(prompt) >= limit:
+        prepared = await tokenizer.prepare(job)
+        prompt = prepared.tokens
+        if not prompt:
+            raise InvalidRequest("the prompt is empty", param=prompt_param)
+        n = params.n
+        # Every choice must fit one sequence, and all of them the KV pool, beside the
+        # prompt they share.
+        room = min(limit - len(prompt), (self.n_ctx - len(prompt)) // n)
+        if len(prompt) >= limit or room < min(params.max_tokens, 1):
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {limit} tokens. However, your "
-                f"messages resulted in {len(prompt)} tokens.",
-                param="messages",
+                f"{prompt_param} resulted in {len(prompt)} tokens"
+                + (f" and {n} choices need room for their completions." if n > 1 else "."),
+                param=prompt_param,
             )
-        params = dataclasses.replace(params, max_tokens=min(params.max_tokens, limit - len(prompt)))
+        params = dataclasses.replace(
+            params, max_tokens=min(params.max_tokens, room), grammar=prepared.grammar,
+            grammar_triggers=job.grammar_triggers if prepared.grammar else ())
         request_id = new_request_id()
         generate = GenerateRequest(request_id, prompt, params, int(priority))
         tracked = self._scheduler.submit(model.model_id, generate, priority)
-        log.debug("request %s: %d prompt tokens, max_tokens %d, priority %s",
-                  request_id, len(prompt), params.max_tokens, priority.name.lower())
+        log.debug("request %s: %d prompt tokens, max_tokens %d, n %d, priority %s%s",
+                  request_id, len(prompt), params.max_tokens, n, priority.name.lower(),
+                  ", constrained" if prepared.grammar else "")
         return Generation(tracked)
 
     def abort(self, request_id: str) -> None:
@@ -222,3 +341,34 @@ class EngineClient:
     def tokenizer_pids(self) -> dict[str, dict[str, int | None]]:
         """Model id -> each tokenizer lane's helper process id (for operators and tests)."""
         return {mid: t.helper_pids() for mid, t in self._tokenizers.items()}
+
+
+def _bias_params(params: SamplingParams) -> tuple[tuple[int, str], ...]:
+    return tuple((token, f"logit_bias.{token}") for token, _ in params.logit_bias)
+
+
+def _constraint(tools: ToolSpec | None, response_format: ResponseFormat | None) -> dict:
+    """The JSON schema the output must follow (checked here; the tokenizer helper compiles
+    it), as PromptJob fields; empty when the output is free."""
+    answer = None
+    if response_format is not None and response_format.type == "json_object":
+        answer = {"type": "object"}
+    elif response_format is not None and response_format.type == "json_schema":
+        check_schema(response_format.schema, "response_format.json_schema.schema")
+        answer = response_format.schema
+    if tools is None or not tools.is_active:
+        if answer is None:
+            return {}
+        return {"schema": answer, "schema_param": "response_format"}
+    for i, f in enumerate(tools.functions):
+        if f.parameters is not None:
+            check_schema(f.parameters, f"tools[{i}].function.parameters")
+    if tools.is_forced:
+        return {"schema": call_schema(tools), "schema_param": "tools"}
+    calls = call_schema(dataclasses.replace(tools, choice="required"))
+    if answer is not None:
+        # Either calls or the JSON answer, from the first token on.
+        return {"schema": {"anyOf": [calls, answer]}, "schema_param": "tools"}
+    # Free text, unless the answer starts as a call: then the call is held to its schema.
+    triggers = (CALL_TRIGGER, CALLS_TRIGGER) if tools.parallel else (CALL_TRIGGER,)
+    return {"schema": calls, "schema_param": "tools", "grammar_triggers": triggers}

@@ -19,15 +19,31 @@ FINISH_ERROR = "error"
 
 @dataclass(slots=True, frozen=True)
 class SamplingParams:
-    """Everything the worker needs to build one sequence's sampler chain and stop it."""
+    """Everything the worker needs to build one sequence's sampler chain and stop it.
+
+    `n` choices share one prefill of the prompt, each its own sequence and sampler (seed + i).
+    `grammar` is GBNF text, compiled from a JSON schema or a tool list by the tokenizer helper
+    (the edge never writes it). `logprobs` is None for no log-probabilities, else how many
+    alternatives (0-20) to report beside each generated token.
+    """
 
     max_tokens: int
     temperature: float = 0.7
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off; over the prompt and the completion
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    n: int = 1
+    logprobs: int | None = None
+    grammar: str | None = None
+    # With trigger patterns the grammar is lazy: free text until the output matches one
+    # (llama.cpp's regex, the whole output so far), constrained from the match on.
+    grammar_triggers: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -72,8 +88,14 @@ class WorkerFailed:
     message: str
 
 
-# (request_id, text delta, new token ids, finish reason or None, error message or None)
-SeqUpdate = tuple[str, str, list[int], str | None, str | None]
+# One generated token's log-probability and the most likely tokens at its position, as
+# (token bytes, logprob, ((bytes, logprob), ...)); only for sequences that asked for them.
+TokenLogprob = tuple[bytes, float, tuple[tuple[bytes, float], ...]]
+
+# (request_id, choice index, text delta, new token ids, finish reason or None,
+#  error message or None, logprobs of the new tokens or None). Each choice of a request ends
+# with exactly one update that carries a finish reason.
+SeqUpdate = tuple[str, int, str, list[int], str | None, str | None, list[TokenLogprob] | None]
 
 
 @dataclass(slots=True)

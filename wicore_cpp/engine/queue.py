@@ -99,6 +99,15 @@ class PriorityRequestQueue(Generic[T]):
             return entry.item
         return None
 
+    def peek(self, level: Priority | None = None) -> T | None:
+        """What `pop()` (or `pop_level(level)`) would return, left in the queue."""
+        if level is not None:
+            entries = [e for e in self._by_id.values() if e.level is level]
+            return min(entries).item if entries else None
+        while self._heap and self._heap[0].removed:
+            heapq.heappop(self._heap)
+        return self._heap[0].item if self._heap else None
+
     def pop_level(self, level: Priority) -> T | None:
         """The longest-waiting request of exactly `level`, whatever waits ahead of it."""
         entries = [e for e in self._by_id.values() if e.level is level]

@@ -12,7 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from wicore_cpp.engine.messages import GenerateRequest
+from wicore_cpp.engine.messages import GenerateRequest, TokenLogprob
 from wicore_cpp.engine.queue import Priority
 from wicore_cpp.errors import WicoreError
 
@@ -39,10 +39,15 @@ class RequestState(enum.Enum):
 
 @dataclass(slots=True)
 class TokenDelta:
-    """Event: text (never a split UTF-8 character, never part of a stop string) and its tokens."""
+    """Event: text (never a split UTF-8 character, never part of a stop string) and its tokens,
+    for choice `index`; with their log-probabilities when asked for. `finish_reason` is set on
+    the last delta of its choice (`stop` or `length`)."""
 
     text: str
     token_ids: list[int]
+    index: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
 
 
 @dataclass(slots=True)
@@ -70,7 +75,12 @@ class TrackedRequest:
     worker_id: int | None = None
     started: float | None = None
     num_tokens: int = 0
+    open_choices: int = 0  # choices a worker still decodes (each holds a sequence slot)
     timer: asyncio.TimerHandle | None = None
+
+    @property
+    def num_choices(self) -> int:
+        return self.generate.params.n
 
     @property
     def num_prompt_tokens(self) -> int:

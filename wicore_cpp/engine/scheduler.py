@@ -176,11 +176,12 @@ class Scheduler:
             return
         if req.state is RequestState.QUEUED:
             self.queues[req.model_id].queue.remove(req.request_id)
-        elif state is not RequestState.FINISHED and state is not RequestState.FAILED:
+        else:
             worker = self._worker(req)
             if worker is not None and req.request_id in worker.running:
-                # The worker frees the slot at its next step and acknowledges; until then the
-                # slot stays counted as busy so we never over-fill the worker.
+                # Choices still decoding (cancelled, timed out, or a sibling choice failed):
+                # the worker frees their slots at its next step and acknowledges; until then
+                # the slots stay counted as busy so we never over-fill the worker.
                 worker.send(CancelRequest(req.request_id))
         req.state = state
         if req.timer is not None:
@@ -201,22 +202,29 @@ class Scheduler:
         batch = self.config.max_batch_size
         while len(queue):
             ready = [w for w in self.workers.of_model(model_id) if w.is_ready]
-            free = [w for w in ready if len(w.running) < batch]
+            head = queue.peek()
+            assert head is not None
+            # A request takes one slot per choice; the head waits for room rather than be
+            # overtaken (its choices share one prefill, so they start together).
+            free = [w for w in ready if w.num_slots + head.num_choices <= batch]
             if free:
                 req = queue.pop()
             else:
                 # Every batch slot is busy. The urgent slots are the urgent class's own: the
                 # longest-waiting urgent request takes one even if aged requests wait ahead.
-                free = [w for w in ready if len(w.running) < batch + self.config.urgent_slots]
+                req = queue.peek(Priority.URGENT)
+                if req is None:
+                    return
+                limit = batch + self.config.urgent_slots
+                free = [w for w in ready if w.num_slots + req.num_choices <= limit]
                 if not free:
                     return
-                req = queue.pop_level(Priority.URGENT)
-            if req is None:
-                return
-            worker = min(free, key=lambda w: len(w.running))
+                queue.remove(req.request_id)
+            worker = min(free, key=lambda w: w.num_slots)
             req.state = RequestState.RUNNING
             req.started = time.monotonic()
             req.worker_id = worker.worker_id
+            req.open_choices = req.num_choices
             worker.running[req.request_id] = req
             self.counters.dispatched += 1
             self.counters.wait_s += req.started - req.arrival
@@ -231,26 +239,31 @@ class Scheduler:
 
     def on_worker_step(self, worker: WorkerHandle, msg: StepOutput) -> None:
         self.counters.step_messages += 1
-        for request_id, text, token_ids, finish, error in msg.updates:
+        for request_id, index, text, token_ids, finish, error, logprobs in msg.updates:
             req = worker.running.get(request_id)
             if req is None:
                 continue
             if finish is not None:
-                del worker.running[request_id]
+                # Each choice ends with exactly one update; the request leaves the worker's
+                # slots when its last choice has.
+                req.open_choices -= 1
+                if req.open_choices <= 0:
+                    del worker.running[request_id]
             if req.state.is_terminal:
                 continue  # cancelled or timed out here; the worker's ack only freed the slot
-            if token_ids or text:
+            ended = finish if finish not in (FINISH_ERROR, FINISH_CANCELLED) else None
+            if token_ids or text or ended:
                 req.num_tokens += len(token_ids)
                 self.counters.tokens_generated += len(token_ids)
-                req.events.put_nowait(TokenDelta(text, token_ids))
+                req.events.put_nowait(TokenDelta(text, token_ids, index, logprobs, ended))
             if finish == FINISH_ERROR:
                 log.error("request %s failed in worker %d: %s", request_id, worker.worker_id, error)
                 self._end(req, RequestState.FAILED,
                           RequestEnded(FINISH_ERROR, GenerationFailed(error or "generation failed")))
             elif finish == FINISH_CANCELLED:
                 self._end(req, RequestState.CANCELLED, RequestEnded(FINISH_CANCELLED))
-            elif finish is not None:
-                self._end(req, RequestState.FINISHED, RequestEnded(finish))
+            elif ended is not None and req.open_choices <= 0:
+                self._end(req, RequestState.FINISHED, RequestEnded(ended))
         self._dispatch(worker.model_id)
 
     def on_worker_lost(self, worker: WorkerHandle) -> None:
@@ -291,7 +304,7 @@ class Scheduler:
             counters=dataclasses.replace(self.counters),
             num_active=sum(r.state is RequestState.RUNNING for r in self._requests.values()),
             num_in_flight=len(self._requests),
-            num_running_sequences=sum(len(w.running) for w in workers),
+            num_running_sequences=sum(w.num_slots for w in workers),
             queued_by_priority=queued,
             workers=[w.stats() for w in workers],
         )

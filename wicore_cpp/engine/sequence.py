@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import codecs
 
-from wicore_cpp.engine.messages import FINISH_LENGTH, FINISH_STOP, GenerateRequest, SeqUpdate
+from wicore_cpp.engine.messages import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    GenerateRequest,
+    SeqUpdate,
+    TokenLogprob,
+)
 
 
 class Sequence:
-    """A request being decoded in one KV slot.
+    """One choice of a request being decoded in one KV slot (a request with `n` choices has
+    `n` sequences; choice 0 prefills the prompt and the others share its KV cells).
 
     Text leaves in deltas that never split a UTF-8 character (each sequence has its own
     incremental decoder) and never contain a stop string: the last `len(longest stop) - 1`
@@ -16,13 +23,15 @@ class Sequence:
     """
 
     __slots__ = (
-        "request_id", "slot", "prompt", "params", "priority", "sampler", "reservation",
-        "n_cached", "last_token", "num_generated", "finish_reason", "error",
-        "_decoder", "_held", "_hold", "_out_text", "_out_tokens",
+        "request_id", "index", "slot", "prompt", "params", "priority", "sampler", "reservation",
+        "n_cached", "last_token", "num_generated", "finish_reason", "error", "pending_choices",
+        "_decoder", "_held", "_hold", "_out_text", "_out_tokens", "_out_logprobs",
     )
 
-    def __init__(self, request: GenerateRequest, slot: int, sampler, reservation: int):
+    def __init__(self, request: GenerateRequest, slot: int, sampler, reservation: int,
+                 index: int = 0):
         self.request_id = request.request_id
+        self.index = index
         self.slot = slot
         self.prompt = request.prompt_tokens
         self.params = request.params
@@ -34,18 +43,25 @@ class Sequence:
         self.num_generated = 0
         self.finish_reason: str | None = None
         self.error: str | None = None
+        # Choice 0 of a request with n > 1 holds the other choices' (slot, sampler) until its
+        # prefill is done and they are fanned out (see ContinuousBatcher._fan_out_choices).
+        self.pending_choices: list[tuple[int, object]] = []
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""
         self._hold = max((len(s) for s in self.params.stop), default=1) - 1
         self._out_text: list[str] = []
         self._out_tokens: list[int] = []
+        self._out_logprobs: list[TokenLogprob] | None = (
+            None if self.params.logprobs is None else [])
 
     @property
     def is_prefilling(self) -> bool:
         return self.n_cached < len(self.prompt)
 
-    def accept(self, token: int, piece: bytes, is_eog: bool) -> None:
-        """Take one sampled token; decide whether the sequence is finished."""
+    def accept(self, token: int, piece: bytes, is_eog: bool,
+               logprob: TokenLogprob | None = None) -> None:
+        """Take one sampled token (and its log-probabilities, when asked for); decide whether
+        the sequence is finished."""
         if self.finish_reason is not None:
             return  # finished (stop string, cancelled) while this token was being decoded
         self.last_token = token
@@ -54,6 +70,8 @@ class Sequence:
             return
         self.num_generated += 1
         self._out_tokens.append(token)
+        if self._out_logprobs is not None and logprob is not None:
+            self._out_logprobs.append(logprob)
         text = self._decoder.decode(piece)
         if text:
             self._add_text(text)
@@ -104,6 +122,10 @@ class Sequence:
             return None
         text = "".join(self._out_text)
         tokens = self._out_tokens
+        logprobs = self._out_logprobs
         self._out_text = []
         self._out_tokens = []
-        return (self.request_id, text, tokens, self.finish_reason, self.error)
+        if logprobs is not None:
+            self._out_logprobs = []
+        return (self.request_id, self.index, text, tokens, self.finish_reason, self.error,
+                logprobs)

@@ -1,8 +1,12 @@
-"""Prompt preparation (chat template + tokenization) in helper processes, in two lanes.
+"""Prompt preparation (chat template, tokenization, output grammar) in helper processes, in two
+lanes.
 
 The front end must know a prompt's length before it queues the request, but it never imports
 llama_cpp; helper processes that load only the vocabulary (`vocab_only`, no weights: a second
 or two even for Gemma-3-27B) do the work off the event loop and off the workers' decode path.
+They also turn an output JSON schema into a grammar and have llama.cpp compile it once, so a
+grammar llama.cpp refuses is a 400 here, never a failure in a worker; and they answer
+`/tokenize` and `/detokenize`.
 
 That work takes time in proportion to the conversation (rendering and tokenizing 50,000
 messages took 20 s), so two things keep a long conversation from holding up everyone else:
@@ -30,7 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from wicore_cpp.errors import InvalidRequest, RateLimited, ServiceUnavailable, WicoreError
+from wicore_cpp.errors import (
+    InvalidRequest,
+    RateLimited,
+    ServiceUnavailable,
+    UnsupportedValue,
+    WicoreError,
+)
 
 log = logging.getLogger("wicore.tokenizer")
 
@@ -63,6 +73,10 @@ class PromptSize:
     @classmethod
     def of(cls, messages: Sequence[dict[str, str]]) -> PromptSize:
         return cls(len(messages), sum(len(m["content"].encode("utf-8")) for m in messages))
+
+    @classmethod
+    def of_text(cls, text: str) -> PromptSize:
+        return cls(1, len(text.encode("utf-8")))
 
     @property
     def lane(self) -> Lane:
@@ -148,9 +162,99 @@ def _encode(state: _ChildState, messages: list[dict[str, str]]) -> list[int]:
     return state.model.tokenize(text, add_special=add_special, parse_special=True)
 
 
-def _child_encode_chat(messages: list[dict[str, str]]) -> list[int]:
+@dataclass(slots=True, frozen=True)
+class PromptJob:
+    """What the helper prepares for one request: exactly one of `messages` (chat turns for
+    the template), `text` (a raw prompt) and `token_ids` (a prompt already tokenized); and,
+    when the output is constrained, the JSON schema it must follow (checked already)."""
+
+    messages: list[dict[str, str]] | None = None
+    text: str | None = None
+    token_ids: list[int] | None = None
+    schema: Any = None
+    schema_param: str = "response_format"
+    grammar_triggers: tuple[str, ...] = ()
+    token_params: tuple[tuple[int, str], ...] = ()  # ids to check are in the vocabulary
+
+    @property
+    def size(self) -> PromptSize:
+        """What decides the job's lane and its cheap lower bound, before any work."""
+        if self.messages is not None:
+            return PromptSize.of(self.messages)
+        if self.text is not None:
+            return PromptSize.of_text(self.text)
+        return PromptSize(0, 0)  # token ids: nothing to render or tokenize
+
+
+@dataclass(slots=True, frozen=True)
+class PreparedPrompt:
+    tokens: list[int]
+    grammar: str | None  # GBNF that llama.cpp has compiled once
+
+
+def _child_prepare(job: PromptJob) -> PreparedPrompt:
     assert _child is not None  # set by the pool initializer before any task runs
-    return _encode(_child, messages)
+    model = _child.model
+    n_vocab = model.info.n_vocab
+    for token, param in job.token_params:
+        if not 0 <= token < n_vocab:
+            raise InvalidRequest(f"token id {token} is not in the vocabulary (0-{n_vocab - 1})",
+                                 param=param)
+    if job.messages is not None:
+        tokens = _encode(_child, job.messages)
+    elif job.text is not None:
+        tokens = model.tokenize(job.text, add_special=True, parse_special=True)
+    else:
+        tokens = list(job.token_ids or [])
+        bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"token id {bad} is not in the vocabulary (0-{n_vocab - 1})",
+                                 param="prompt")
+    grammar = None
+    if job.schema is not None:
+        grammar = _compile_grammar(job.schema, job.schema_param, job.grammar_triggers)
+    return PreparedPrompt(tokens, grammar)
+
+
+def _compile_grammar(schema: Any, param: str, triggers: tuple[str, ...]) -> str:
+    import llama_cpp as lc
+
+    from wicore_cpp.engine.backend import GrammarError, init_grammar
+    from wicore_cpp.engine.schema_grammar import schema_to_grammar
+
+    try:
+        grammar = schema_to_grammar(schema)
+    except UnsupportedValue as exc:
+        exc.param = param
+        raise
+    try:
+        ptr = init_grammar(_child.model, grammar, triggers)
+    except GrammarError as exc:
+        raise UnsupportedValue(f"JSON schema: llama.cpp cannot compile its grammar ({exc})",
+                               param=param) from None
+    lc.llama_sampler_free(ptr)
+    return grammar
+
+
+def _child_tokenize(text: str, add_special: bool, parse_special: bool,
+                    with_pieces: bool) -> list[int] | list[tuple[int, bytes]]:
+    assert _child is not None
+    model = _child.model
+    tokens = model.tokenize(text, add_special=add_special, parse_special=parse_special)
+    if with_pieces:
+        return [(t, model.special_piece(t)) for t in tokens]
+    return tokens
+
+
+def _child_detokenize(tokens: list[int]) -> str:
+    assert _child is not None
+    model = _child.model
+    n_vocab = model.info.n_vocab
+    bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+    if bad is not None:
+        raise InvalidRequest(f"token id {bad} is not in the vocabulary (0-{n_vocab - 1})",
+                             param="tokens")
+    return b"".join(model.special_piece(t) for t in tokens).decode("utf-8", errors="replace")
 
 
 def _child_info() -> HelperInfo:
@@ -250,17 +354,31 @@ class PromptTokenizer:
         """Each lane's helper process id (None before it started)."""
         return {lane.value: helper.pid for lane, helper in self._lanes.items()}
 
-    async def encode_chat(self, messages: list[dict[str, str]],
-                          size: PromptSize | None = None) -> list[int]:
-        """Render with the model's template and tokenize, in the lane for its size. Raises
-        InvalidRequest for a conversation the template rejects, ServiceUnavailable if the
-        helper died, RateLimited if too many prompts wait in that lane."""
-        size = size or PromptSize.of(messages)
+    async def prepare(self, job: PromptJob) -> PreparedPrompt:
+        """Render with the model's template (or take the raw prompt) and tokenize, and compile
+        the output grammar, in the lane for the job's size. Raises InvalidRequest for a
+        conversation the template rejects, a schema llama.cpp cannot compile or a token id
+        outside the vocabulary, ServiceUnavailable if the helper died, RateLimited if too many
+        prompts wait in that lane."""
         try:
-            return await self._lanes[size.lane].run(_child_encode_chat, messages)
+            return await self._lanes[job.size.lane].run(_child_prepare, job)
         except InvalidRequest as exc:
-            exc.param = exc.param or "messages"
+            exc.param = exc.param or ("messages" if job.messages is not None else "prompt")
             raise
+
+    async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Render with the model's template and tokenize."""
+        return (await self.prepare(PromptJob(messages=messages))).tokens
+
+    async def tokenize(self, text: str, *, add_special: bool, parse_special: bool,
+                       with_pieces: bool) -> list[int] | list[tuple[int, bytes]]:
+        lane = PromptSize.of_text(text).lane
+        return await self._lanes[lane].run(_child_tokenize, text, add_special, parse_special,
+                                           with_pieces)
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        lane = Lane.SHORT if len(tokens) <= SHORT_LANE_MAX_BYTES // 4 else Lane.LONG
+        return await self._lanes[lane].run(_child_detokenize, tokens)
 
     def close(self) -> None:
         if self._started is not None:

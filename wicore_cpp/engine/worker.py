@@ -97,7 +97,8 @@ def run_worker(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> 
                     os.environ.get("CUDA_VISIBLE_DEVICES"))
     )
     batcher = ContinuousBatcher(model, ctx, max_batch_size=config.max_batch_size,
-                                sample_threads=threads)
+                                sample_threads=threads,
+                                grammar_budget_s=config.grammar_budget_ms / 1000)
     stopping = False
     while not (stopping and batcher.is_idle):
         # Block while idle; otherwise only look at what has arrived since the last step.

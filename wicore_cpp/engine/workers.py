@@ -55,6 +55,11 @@ class WorkerHandle:
         self.node: str | None = None  # where it runs, when that is not this machine
         self.running: dict[str, TrackedRequest] = {}  # requests holding a decode slot
 
+    @property
+    def num_slots(self) -> int:
+        """Sequence slots its requests hold (one per choice not yet finished)."""
+        return sum(r.open_choices for r in self.running.values())
+
     def send(self, msg: object) -> None:
         """Hand the worker a command; never blocks, never raises (a dead worker is noticed by
         its reader thread)."""
@@ -91,7 +96,7 @@ class WorkerHandle:
 
     def stats(self) -> WorkerStats:
         return WorkerStats(self.worker_id, self.model_id, self.pid, self.is_ready, self.gpu_id,
-                           self.gpu_offload, self.visible_devices, len(self.running), self.node)
+                           self.gpu_offload, self.visible_devices, self.num_slots, self.node)
 
 
 class ProcessWorker(WorkerHandle):

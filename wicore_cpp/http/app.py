@@ -9,7 +9,7 @@ from aiohttp import web
 from wicore_cpp.config import Config
 from wicore_cpp.engine.client import EngineClient
 from wicore_cpp.gguf_file import GGUFFile
-from wicore_cpp.http import chat, models, monitoring, openapi
+from wicore_cpp.http import chat, completions, models, monitoring, openapi, tokenize
 from wicore_cpp.http.middlewares import MAX_BODY_BYTES, error_middleware, rate_limit_middleware
 from wicore_cpp.http.ratelimit import RateLimiter
 from wicore_cpp.http.state import STATE, AppState
@@ -29,7 +29,7 @@ def create_app(
         engine=EngineClient(config, served, on_fatal),
         rate_limiter=RateLimiter(config.rate_limit_per_minute),
     )
-    for family in (chat, models, monitoring, openapi):
+    for family in (chat, completions, tokenize, models, monitoring, openapi):
         app.add_routes(family.routes)
     app.cleanup_ctx.append(_engine_lifetime)
     app.on_shutdown.append(_begin_drain)

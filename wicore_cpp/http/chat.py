@@ -1,13 +1,29 @@
-"""`POST /v1/chat/completions` (API document §1): JSON, or SSE when `stream` is true."""
+"""`POST /v1/chat/completions` (API document §1): JSON, or SSE when `stream` is true; `n`
+choices, log-probabilities, tool calls and JSON output."""
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from wicore_cpp.engine.client import FINISH_TIMEOUT, Generation, RequestEnded, TokenDelta
+from wicore_cpp.engine.client import (
+    FINISH_TIMEOUT,
+    Generation,
+    TokenDelta,
+    TokenLogprob,
+    ToolCall,
+    ToolCallParser,
+    ToolSpec,
+)
+from wicore_cpp.http.chat_protocol import (
+    ChatCompletionRequest,
+    chat_choice,
+    chat_completion,
+    parse_chat_request,
+)
 from wicore_cpp.http.lifecycle import (
     PRIORITY_HEADER,
     event_stream,
@@ -16,13 +32,7 @@ from wicore_cpp.http.lifecycle import (
     request_id_header,
 )
 from wicore_cpp.http.openapi import documented
-from wicore_cpp.http.protocol import (
-    ChatCompletionRequest,
-    ChunkEncoder,
-    chat_completion,
-    json_response,
-    parse_chat_request,
-)
+from wicore_cpp.http.protocol import ChunkEncoder, json_response
 from wicore_cpp.http.responses import ChatCompletion
 from wicore_cpp.http.state import STATE
 
@@ -41,54 +51,111 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     """OpenAI chat completions: the whole completion as JSON, or a stream of SSE chunks."""
     chat = parse_chat_request(await request.read())
     max_tokens = chat.requested_max_tokens(request.app[STATE].config.default_max_tokens)
-    async with generation(request, chat.model, chat.template_messages(),
-                          chat.to_sampling_params(max_tokens), chat.priority) as gen:
+    tools = chat.tool_spec()
+
+    def submit(engine, priority):
+        return engine.generate(chat.model, chat.engine_messages(),
+                               chat.to_sampling_params(max_tokens), priority,
+                               tools=tools, response_format=chat.output_format())
+
+    async with generation(request, chat.priority, submit) as gen:
+        choices = [_Choice(i, tools, chat.logprobs) for i in range(gen.num_choices)]
         if chat.stream:
-            return await _stream(request, chat, gen)
-        return await _complete(chat, gen)
+            return await _stream(request, chat, gen, choices)
+        return await _complete(chat, gen, choices)
 
 
-async def _complete(chat: ChatCompletionRequest, gen: Generation) -> web.Response:
+@dataclass(slots=True)
+class _Choice:
+    """One choice's output as it arrives; tool calls are separated from its text."""
+
+    index: int
+    tools: ToolSpec | None
+    wants_logprobs: bool
+    parser: ToolCallParser | None = None
+    texts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tools is not None and self.tools.is_active:
+            self.parser = ToolCallParser(self.tools)
+
+    def add(self, event: TokenDelta) -> str:
+        """Take a delta; returns the text that may be shown now."""
+        self.token_ids.extend(event.token_ids)
+        if event.logprobs:
+            self.logprobs.extend(event.logprobs)
+        if event.finish_reason is not None:
+            self.finish_reason = event.finish_reason
+        text = event.text if self.parser is None else self.parser.feed(event.text)
+        self.texts.append(text)
+        return text
+
+    def end(self) -> tuple[str, list[ToolCall]]:
+        """Text held back and the tool calls found, once the choice is over."""
+        if self.parser is None:
+            return "", []
+        rest, calls = self.parser.finish()
+        self.texts.append(rest)
+        return rest, calls
+
+
+async def _complete(chat: ChatCompletionRequest, gen: Generation,
+                    choices: list[_Choice]) -> web.Response:
     """Wait for the whole completion; failures become their HTTP error."""
-    texts: list[str] = []
-    token_ids: list[int] = []
     async for event in gen:
         if isinstance(event, TokenDelta):
-            texts.append(event.text)
-            token_ids.extend(event.token_ids)
+            choices[event.index].add(event)
             continue
         if event.error is not None:
-            raise event.error
-        body = chat_completion(
-            gen.request_id, int(time.time()), gen.model_id, "".join(texts),
-            event.finish_reason, gen.num_prompt_tokens, token_ids,
-        )
-        if not chat.return_token_ids:
-            del body["choices"][0]["token_ids"]
+            raise event.error  # a timeout too is its error (504): nothing was sent yet
+        body_choices = []
+        for c in choices:
+            _, calls = c.end()
+            body_choices.append(chat_choice(
+                c.index, "".join(c.texts), calls, c.finish_reason or event.finish_reason,
+                c.logprobs if chat.logprobs else None,
+                c.token_ids if chat.return_token_ids else None))
+        body = chat_completion(gen.request_id, int(time.time()), gen.model_id, body_choices,
+                               gen.num_prompt_tokens, sum(len(c.token_ids) for c in choices))
         return json_response(body, headers=request_id_header(gen))
     raise AssertionError("a generation always ends with RequestEnded")
 
 
-async def _stream(request: web.Request, chat: ChatCompletionRequest,
-                  gen: Generation) -> web.StreamResponse:
-    """SSE: role chunk, content chunks (one per decode step), finish chunk, usage, [DONE]."""
+async def _stream(request: web.Request, chat: ChatCompletionRequest, gen: Generation,
+                  choices: list[_Choice]) -> web.StreamResponse:
+    """SSE: a role chunk per choice, content chunks (one per decode step and choice), each
+    choice's tool calls and finish chunk as it ends, usage, [DONE]."""
     enc = ChunkEncoder(gen.request_id, int(time.time()), gen.model_id)
     with_ids = chat.return_token_ids
-    num_completion = 0
     response = event_stream(gen)
     try:
         await response.prepare(request)
-        await response.write(enc.role())
+        for c in choices:
+            await response.write(enc.role(c.index))
         async for event in gen:
             if isinstance(event, TokenDelta):
-                num_completion += len(event.token_ids)
-                if event.text or with_ids:
-                    await response.write(
-                        enc.content(event.text, event.token_ids if with_ids else None))
+                c = choices[event.index]
+                text = c.add(event)
+                logprobs = event.logprobs if chat.logprobs else None
+                if text or with_ids or logprobs:
+                    await response.write(enc.content(
+                        text, event.token_ids if with_ids else None, c.index, logprobs))
+                if c.finish_reason is not None:
+                    await _end_choice(response, enc, c, c.finish_reason)
                 continue
-            await response.write(_stream_end(enc, event))
+            if event.error is not None and event.finish_reason != FINISH_TIMEOUT:
+                await response.write(ChunkEncoder.error(event.error.to_dict()))
+            else:
+                for c in choices:
+                    if c.finish_reason is None:
+                        c.finish_reason = event.finish_reason
+                        await _end_choice(response, enc, c, event.finish_reason)
             if chat.include_usage:
-                await response.write(enc.usage(gen.num_prompt_tokens, num_completion))
+                await response.write(enc.usage(gen.num_prompt_tokens,
+                                               sum(len(c.token_ids) for c in choices)))
             await response.write(ChunkEncoder.DONE)
     except (ConnectionResetError, ConnectionError):
         # The lifecycle aborts the request as the handler leaves.
@@ -96,8 +163,11 @@ async def _stream(request: web.Request, chat: ChatCompletionRequest,
     return response
 
 
-def _stream_end(enc: ChunkEncoder, event: RequestEnded) -> bytes:
-    """A finish chunk for a normal end or a timeout; an error event for a failure."""
-    if event.error is None or event.finish_reason == FINISH_TIMEOUT:
-        return enc.finish(event.finish_reason)
-    return ChunkEncoder.error(event.error.to_dict())
+async def _end_choice(response: web.StreamResponse, enc: ChunkEncoder, c: _Choice,
+                      reason: str) -> None:
+    rest, calls = c.end()
+    if rest:
+        await response.write(enc.content(rest, index=c.index))
+    for chunk in enc.tool_calls(c.index, calls):
+        await response.write(chunk)
+    await response.write(enc.finish("tool_calls" if calls else reason, c.index))

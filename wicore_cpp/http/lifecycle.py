@@ -13,13 +13,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from wicore_cpp.engine.client import Generation, Priority, SamplingParams
+from wicore_cpp.engine.client import EngineClient, Generation, Priority
 from wicore_cpp.errors import InvalidRequest
 from wicore_cpp.http.openapi import Header
 from wicore_cpp.http.protocol import PRIORITY_PATTERN
 from wicore_cpp.http.state import STATE
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Submits one request to the engine at the priority resolved here.
+Submit = Callable[[EngineClient, Priority], Awaitable[Generation]]
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -59,15 +61,13 @@ def resolve_priority(body_value: str | None, header_value: str | None) -> Priori
 @contextlib.asynccontextmanager
 async def generation(
     request: web.Request,
-    model_id: str | None,
-    messages: list[dict[str, str]],
-    params: SamplingParams,
     body_priority: str | None,
+    submit: Submit,
 ) -> AsyncIterator[Generation]:
     """Submit to the engine; on leaving, abort the request if it has not ended."""
     engine = request.app[STATE].engine
     priority = resolve_priority(body_priority, request.headers.get("X-Priority"))
-    gen = await engine.generate(model_id, messages, params, priority)
+    gen = await submit(engine, priority)
     try:
         yield gen
     finally:

@@ -30,4 +30,8 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 def _model_card(model: ServedModel) -> dict:
-    return {"id": model.model_id, "object": "model", "created": model.created, "owned_by": "wicore"}
+    """OpenAI's model object, plus what a client needs to plan requests: the longest
+    sequence (prompt + completion), what the server supports, and the largest `n`."""
+    return {"id": model.model_id, "object": "model", "created": model.created,
+            "owned_by": "wicore", "context_length": model.context_length,
+            "capabilities": list(model.capabilities), "max_choices": model.max_choices}

@@ -36,7 +36,8 @@ async def root(request: web.Request) -> web.Response:
         "version": __version__,
         "engine": ENGINE_NAME,
         "models": list(engine.models),
-        "endpoints": ["/v1/chat/completions", "/v1/models", "/health", "/status"],
+        "endpoints": ["/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize",
+                      "/detokenize", "/health", "/status"],
     })
 
 

@@ -1,76 +1,81 @@
-"""The OpenAI-style wire format: request models (validated once, at the edge) and responses.
+"""The OpenAI-style wire format shared by the endpoints: the sampling fields chat and
+completions both take, body parsing, the refusal of fields OpenAI defines but this server does
+not honour, JSON responses, log-probabilities, and SSE chunk encoding.
 
-Pydantic stays here; the engine gets plain dataclasses (`to_sampling_params`). Types are
-strict, so `"temperature": "hot"` or `"max_tokens": 1.5` is a 400 naming the parameter rather
-than a silent coercion.
+Pydantic stays here (and in chat_protocol.py, completion_protocol.py); the engine gets plain
+dataclasses (`to_sampling_params`). Types are strict, so `"temperature": "hot"` or
+`"max_tokens": 1.5` is a 400 naming the parameter rather than a silent coercion. A top-level
+`null` means the default, as it does for OpenAI. Unknown fields are ignored.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from wicore_cpp.engine.client import Priority, SamplingParams
-from wicore_cpp.errors import InvalidRequest, excerpt
+from wicore_cpp.engine.client import Priority, SamplingParams, TokenLogprob
+from wicore_cpp.errors import InvalidRequest, UnsupportedParameter, excerpt
 
 MAX_STOP_SEQUENCES = 4
+MAX_LOGIT_BIAS = 1024
 # low, normal, high or urgent in any letter case, as a JSON Schema (ECMA 262) pattern.
 PRIORITY_PATTERN = "^(" + "|".join(
     "".join(f"[{c}{c.upper()}]" for c in p.name.lower()) for p in Priority) + ")$"
 
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-    type: str = Field(json_schema_extra={"enum": ["text"]})
-    text: str
-
-    @field_validator("type")
-    @classmethod
-    def _only_text(cls, value: str) -> str:
-        if value != "text":
-            raise ValueError(
-                f"content parts of type {excerpt(value)} are not supported; only 'text'")
-        return value
+# A field OpenAI defines that this server does not honour is refused, not dropped: the name
+# maps to what is accepted (None: only null) and a hint.
+Refusal = tuple[Callable[[Any], bool] | None, str]
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    # Text parts are tried first so that a bad part's own message reaches the client.
-    content: Annotated[list[TextPart], Field(min_length=1)] | str
-    name: str | None = None
+def _is(*values: Any) -> Callable[[Any], bool]:
+    return lambda v: any(v == x and type(v) is type(x) for x in values)
 
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "\n".join(part.text for part in self.content)
+
+def refuse_unsupported(data: dict, refused: dict[str, Refusal]) -> None:
+    """Raise UnsupportedParameter for the first refused field set to something not honoured."""
+    for name, (accepted, hint) in refused.items():
+        value = data.get(name)
+        if value is None or (accepted is not None and accepted(value)):
+            continue
+        raise UnsupportedParameter(f"'{name}' is not supported by this server{hint}", param=name)
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
-    include_usage: bool = False
+    include_usage: bool | None = False
 
 
-Probability = Annotated[float, Field(ge=0.0, le=1.0)]
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
-
-
-class ChatCompletionRequest(BaseModel):
-    """`POST /v1/chat/completions`. Unknown fields are ignored, as OpenAI clients send many."""
+class SamplingFields(BaseModel):
+    """The fields chat and completions share."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
     model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     top_p: Probability = 1.0
+    # llama-server's and vLLM's extensions; 0 and -1 turn top_k off, 1.0 the repetition penalty
+    top_k: int = Field(0, ge=-1)
+    min_p: Probability = 0.0
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)  # llama-server's name
     frequency_penalty: Penalty = 0.0
     presence_penalty: Penalty = 0.0
+    logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     # The validator below checks these; the schema says them too.
@@ -78,7 +83,7 @@ class ChatCompletionRequest(BaseModel):
         "minLength": 1, "maxItems": MAX_STOP_SEQUENCES,
         "items": {"type": "string", "minLength": 1}})
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1)
     # Checked with the X-Priority header by the lifecycle; the pattern documents it.
     priority: str | None = Field(None, json_schema_extra={"pattern": PRIORITY_PATTERN})
     user: str | None = None
@@ -95,6 +100,20 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("stop sequences must not be empty")
         return value
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
+        for key, bias in value.items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids, not {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases must be between -100 and 100, not {bias}")
+        return value
+
     @property
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -105,29 +124,40 @@ class ChatCompletionRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def requested_max_tokens(self, default: int) -> int:
-        return self.max_completion_tokens or self.max_tokens or default
+    @model_validator(mode="after")
+    def _one_repetition_penalty(self) -> SamplingFields:
+        a, b = self.repetition_penalty, self.repeat_penalty
+        if a is not None and b is not None and a != b:
+            raise InvalidRequest("repetition_penalty and repeat_penalty differ; send one",
+                                 param="repeat_penalty")
+        return self
 
-    def template_messages(self) -> list[dict[str, str]]:
-        """Messages as the chat template expects them (`developer` is OpenAI's new `system`)."""
-        return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in self.messages
-        ]
+    def _repetition_penalty(self) -> float:
+        a, b = self.repetition_penalty, self.repeat_penalty
+        return a if a is not None else (b if b is not None else 1.0)
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
+            top_k=max(self.top_k, 0),
+            min_p=self.min_p,
+            repetition_penalty=self._repetition_penalty(),
             frequency_penalty=self.frequency_penalty,
             presence_penalty=self.presence_penalty,
+            logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()),
             seed=self.seed,
             stop=self.stop_sequences,
+            n=self.n,
+            logprobs=logprobs,
         )
 
 
-def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+Request = TypeVar("Request", bound=BaseModel)
+
+
+def parse_body(body: bytes, model: type[Request], refused: dict[str, Refusal]) -> Request:
     """Raw body -> request, or InvalidRequest naming the first bad parameter."""
     try:
         data = orjson.loads(body)
@@ -135,12 +165,16 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    refuse_unsupported(data, refused)
+    # OpenAI takes null for "the default" on every optional field.
+    data = {k: v for k, v in data.items() if v is not None}
     try:
-        return ChatCompletionRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         param = _param_name(err["loc"])
-        raise InvalidRequest(f"invalid value for '{param}': {err['msg']}", param=param) from None
+        message = err["msg"].removeprefix("Value error, ")
+        raise InvalidRequest(f"invalid value for '{param}': {message}", param=param) from None
 
 
 def _param_name(loc: tuple) -> str:
@@ -149,7 +183,9 @@ def _param_name(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "list[TextPart]", "list[str]", "StreamOptions") or "[" in str(part):
+        elif part in ("str", "int", "none", "list[TextPart]", "list[str]", "list[int]",
+                      "StreamOptions", "NamedToolChoice", "function-after", "function-before") \
+                or "[" in str(part) or str(part).startswith(("literal", "function-")):
             continue
         else:
             out += ("." if out else "") + str(part)
@@ -175,63 +211,91 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def chat_completion(
-    request_id: str, created: int, model: str, text: str, finish_reason: str,
-    prompt_tokens: int, token_ids: list[int] | None,
-) -> dict:
-    choice: dict = {
-        "index": 0,
-        "message": {"role": "assistant", "content": text},
-        "finish_reason": finish_reason,
-    }
-    if token_ids is not None:
-        choice["token_ids"] = token_ids
+def _token_text(piece: bytes) -> str:
+    return piece.decode("utf-8", errors="replace")
+
+
+def chat_logprobs(items: list[TokenLogprob]) -> list[dict]:
+    """Chat's `logprobs.content`: each token with its logprob, bytes and alternatives."""
+    return [{
+        "token": _token_text(piece),
+        "logprob": logprob,
+        "bytes": list(piece),
+        "top_logprobs": [{"token": _token_text(p), "logprob": lp, "bytes": list(p)}
+                         for p, lp in top],
+    } for piece, logprob, top in items]
+
+
+def completion_logprobs(items: list[TokenLogprob], text_offset: int) -> dict:
+    """The completions endpoint's `logprobs`: parallel lists, offsets into the choice's text."""
+    tokens, offsets = [], []
+    for piece, _, _ in items:
+        tokens.append(_token_text(piece))
+        offsets.append(text_offset)
+        text_offset += len(tokens[-1])
     return {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [choice],
-        "usage": usage(prompt_tokens, len(token_ids) if token_ids is not None else 0),
+        "tokens": tokens,
+        "token_logprobs": [lp for _, lp, _ in items],
+        "top_logprobs": [{_token_text(p): lp for p, lp in top} for _, _, top in items],
+        "text_offset": offsets,
     }
 
 
 class ChunkEncoder:
     """Pre-encodes the invariant parts of one stream's chunks.
 
-    A content chunk is the same JSON every time but for the text, so the per-token path is
-    one `orjson.dumps` of the text between two byte strings, not a dict built and serialised.
+    A content chunk of choice 0 without extras is the same JSON every time but for the text,
+    so the common per-token path is one `orjson.dumps` of the text between two byte strings,
+    not a dict built and serialised.
     """
 
-    def __init__(self, request_id: str, created: int, model: str):
+    def __init__(self, request_id: str, created: int, model: str,
+                 obj: str = "chat.completion.chunk"):
         self._head = orjson.dumps(
-            {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model}
+            {"id": request_id, "object": obj, "created": created, "model": model}
         )[:-1]
-        self._content_prefix = b"data: " + self._head + b',"choices":[{"index":0,"delta":{"content":'
+        self._content_prefix = (b"data: " + self._head
+                                + b',"choices":[{"index":0,"delta":{"content":')
         self.request_id = request_id
 
-    def _event(self, choices: list, **extra) -> bytes:
+    def event(self, choices: list, **extra) -> bytes:
         body = self._head + b',"choices":' + orjson.dumps(choices)
         if extra:
             body += b"," + orjson.dumps(extra)[1:-1]
         return b"data: " + body + b"}\n\n"
 
-    def role(self) -> bytes:
-        return self._event([{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}])
+    def role(self, index: int = 0) -> bytes:
+        return self.event([{"index": index, "delta": {"role": "assistant"}, "finish_reason": None}])
 
-    def content(self, text: str, token_ids: list[int] | None = None) -> bytes:
+    def content(self, text: str, token_ids: list[int] | None = None, index: int = 0,
+                logprobs: list[TokenLogprob] | None = None) -> bytes:
+        if token_ids is None and index == 0 and logprobs is None:
+            return self._content_prefix + orjson.dumps(text) + b'},"finish_reason":null}]}\n\n'
+        choice: dict = {"index": index, "delta": {"content": text}, "finish_reason": None}
+        if logprobs is not None:
+            choice["logprobs"] = {"content": chat_logprobs(logprobs), "refusal": None}
         if token_ids is not None:
-            return self._event(
-                [{"index": 0, "delta": {"content": text}, "finish_reason": None,
-                  "token_ids": token_ids}]
-            )
-        return self._content_prefix + orjson.dumps(text) + b'},"finish_reason":null}]}\n\n'
+            choice["token_ids"] = token_ids
+        return self.event([choice])
 
-    def finish(self, reason: str) -> bytes:
-        return self._event([{"index": 0, "delta": {}, "finish_reason": reason}])
+    def tool_calls(self, index: int, calls: list) -> list[bytes]:
+        """OpenAI's streamed tool calls: per call, a chunk with its id, type and name (and
+        empty arguments), then one with the arguments."""
+        out = []
+        for i, call in enumerate(calls):
+            head = {"index": i, "id": call.id, "type": "function",
+                    "function": {"name": call.name, "arguments": ""}}
+            args = {"index": i, "function": {"arguments": call.arguments}}
+            for part in (head, args):
+                out.append(self.event([{"index": index, "delta": {"tool_calls": [part]},
+                                        "finish_reason": None}]))
+        return out
+
+    def finish(self, reason: str, index: int = 0) -> bytes:
+        return self.event([{"index": index, "delta": {}, "finish_reason": reason}])
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
-        return self._event([], usage=usage(prompt_tokens, completion_tokens))
+        return self.event([], usage=usage(prompt_tokens, completion_tokens))
 
     @staticmethod
     def error(payload: dict) -> bytes:

@@ -1,0 +1,173 @@
+"""In-process API tests of the OpenAI surface beyond plain chat: nulls, refusals, sampling
+fields, tokenize/detokenize, the model card, completions edge cases, and schemas built to
+hurt (real workers on the demo GGUF)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from tests.conftest import MODEL_ID
+
+HELLO = [{"role": "user", "content": "Hello, who are you?"}]
+
+
+async def post(api, path: str, body: dict) -> tuple[int, dict]:
+    async with api.session.post(api.url + path, json=body) as r:
+        return r.status, await r.json()
+
+
+async def test_nulls_mean_the_default(api):
+    body = {"model": None, "temperature": None, "top_p": None, "max_tokens": None,
+            "stop": None, "seed": None, "n": None, "stream": None, "tools": None,
+            "tool_choice": None, "response_format": None, "logprobs": None, "user": None,
+            "presence_penalty": None, "frequency_penalty": None, "logit_bias": None}
+    status, resp, _ = await api.chat(HELLO, **body, max_completion_tokens=3)
+    assert status == 200, resp
+    assert resp["choices"][0]["message"]["role"] == "assistant"
+
+
+async def test_empty_content_array_is_a_400(api):
+    status, resp, _ = await api.chat([{"role": "user", "content": []}])
+    assert status == 400 and resp["error"]["param"] == "messages[0].content"
+
+
+async def test_model_card_carries_context_and_capabilities(api):
+    status, body = await api.get(f"/v1/models/{MODEL_ID}")
+    assert status == 200
+    assert body["context_length"] == 8192  # the demo model's trained context
+    assert {"chat", "completions", "tools", "json_schema", "logprobs"} <= set(body["capabilities"])
+    assert body["max_choices"] == 4
+
+
+async def test_tokenize_and_detokenize(api):
+    status, body = await post(api, "/tokenize", {"content": "Hello world"})
+    assert status == 200 and body["tokens"] and all(isinstance(t, int) for t in body["tokens"])
+    status, with_bos = await post(api, "/tokenize", {"content": "Hello world",
+                                                     "add_special": True})
+    assert with_bos["tokens"][1:] == body["tokens"] and with_bos["tokens"][0] == 2
+    status, pieces = await post(api, "/tokenize", {"content": "Hello 量", "with_pieces": True})
+    assert [p["id"] for p in pieces["tokens"]] == (
+        await post(api, "/tokenize", {"content": "Hello 量"}))[1]["tokens"]
+    assert "".join(p["piece"] for p in pieces["tokens"] if isinstance(p["piece"], str)).strip()
+    status, text = await post(api, "/detokenize", {"tokens": body["tokens"]})
+    assert status == 200 and text["content"].strip() == "Hello world"
+    status, err = await post(api, "/detokenize", {"tokens": [10**7]})
+    assert status == 400 and err["error"]["param"] == "tokens"
+    status, err = await post(api, "/tokenize", {"text": "wrong field"})
+    assert status == 400 and err["error"]["param"] == "content"
+
+
+async def test_logit_bias_bans_and_forces_tokens(api):
+    _, base, _ = await api.chat(HELLO, max_tokens=6, temperature=0, return_token_ids=True)
+    first = base["choices"][0]["token_ids"][0]
+    _, banned, _ = await api.chat(HELLO, max_tokens=6, temperature=0, return_token_ids=True,
+                                  logit_bias={str(first): -100})
+    assert first not in banned["choices"][0]["token_ids"]
+    forced_id = (await post(api, "/tokenize", {"content": "量"}))[1]["tokens"][-1]
+    _, forced, _ = await api.chat(HELLO, max_tokens=4, temperature=1.0, seed=1,
+                                  return_token_ids=True, logit_bias={str(forced_id): 100})
+    assert forced["choices"][0]["token_ids"] == [forced_id] * 4
+    status, err, _ = await api.chat(HELLO, logit_bias={"9999999": 1})
+    assert status == 400 and err["error"]["param"] == "logit_bias.9999999"
+
+
+async def test_top_k_min_p_and_repetition_penalty_are_honoured(api):
+    _, greedy, _ = await api.chat(HELLO, max_tokens=24, temperature=0, return_token_ids=True)
+    ids = greedy["choices"][0]["token_ids"]
+    for extra in ({"top_k": 1}, {"min_p": 1.0}):
+        _, hot, _ = await api.chat(HELLO, max_tokens=24, temperature=1.8, seed=4,
+                                   return_token_ids=True, **extra)
+        assert hot["choices"][0]["token_ids"] == ids, extra
+    _, free, _ = await api.chat(HELLO, max_tokens=24, temperature=1.8, seed=4,
+                                return_token_ids=True)
+    assert free["choices"][0]["token_ids"] != ids  # the sampling was otherwise not greedy
+    assert len(set(ids)) < len(ids)  # the greedy output repeats itself...
+    for name in ("repetition_penalty", "repeat_penalty"):
+        _, rep, _ = await api.chat(HELLO, max_tokens=24, temperature=0, return_token_ids=True,
+                                   **{name: 2.0})
+        assert rep["choices"][0]["token_ids"] != ids  # ...which the penalty changes
+
+
+async def test_tools_auto_serves_text_or_calls(api):
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"q": {"type": "string", "maxLength": 8}},
+        "required": ["q"]}}}]
+    for stream in (False, True):
+        if stream:
+            status, events, _ = await api.stream(HELLO, tools=tools, max_tokens=12,
+                                                 temperature=0)
+            assert status == 200 and events[-1] == "[DONE]"
+            finish = [e["choices"][0]["finish_reason"] for e in events[:-1] if e["choices"]]
+            assert finish[-1] in ("stop", "length", "tool_calls")
+        else:
+            status, body, _ = await api.chat(HELLO, tools=tools, max_tokens=12, temperature=0)
+            assert status == 200, body
+            message = body["choices"][0]["message"]
+            assert message["content"] or message.get("tool_calls")
+
+
+async def test_response_format_cannot_shape_a_forced_call(api):
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    status, body, _ = await api.chat(HELLO, tools=tools, tool_choice="required",
+                                     response_format={"type": "json_object"})
+    assert status == 400 and body["error"]["param"] == "response_format"
+
+
+async def test_adversarial_schemas_never_hurt_the_worker(api):
+    deep: dict = {"type": "integer"}
+    for _ in range(60):
+        deep = {"type": "object", "properties": {"x": deep}, "required": ["x"]}
+    huge = {"type": "string", "minLength": 100000}
+    for schema in (deep, huge):
+        status, body, _ = await api.chat(HELLO, response_format={
+            "type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+        assert status == 400 and body["error"]["code"] == "unsupported_value", body
+    # Legal but wide (a grammar of about 176,000 characters): 20 alternatives of 15 optional
+    # properties of 30 values each. It runs beside a plain request; both finish, the worker
+    # lives. One size up is refused.
+    def wide(n):
+        return {"anyOf": [{"type": "object", "properties": {
+            f"k{i}_{j}": {"enum": [f"v{v}" for v in range(30)]} for j in range(15)}}
+            for i in range(n)]}
+
+    status, body, _ = await api.chat(HELLO, response_format={
+        "type": "json_schema", "json_schema": {"name": "s", "schema": wide(40)}})
+    assert status == 400 and "200000" in body["error"]["message"]
+    plain = api.chat(HELLO, max_tokens=8, temperature=0)
+    shaped = api.chat(HELLO, max_tokens=60, temperature=1.0, seed=2, response_format={
+        "type": "json_schema", "json_schema": {"name": "wide", "schema": wide(20)}})
+    (s1, b1, _), (s2, b2, _) = await asyncio.gather(plain, shaped)
+    assert s1 == 200 and s2 == 200, (b1, b2)
+    if b2["choices"][0]["finish_reason"] == "stop":
+        assert isinstance(json.loads(b2["choices"][0]["message"]["content"]), dict)
+    assert (await api.get("/health"))[0] == 200
+
+
+async def test_completions_edges(api):
+    status, body = await post(api, "/v1/completions", {"prompt": "Hi there", "max_tokens": 0,
+                                                       "echo": True})
+    assert status == 200, body
+    assert body["choices"][0]["text"] == "Hi there"
+    assert body["usage"]["completion_tokens"] == 0
+    status, body = await post(api, "/v1/completions", {"prompt": ["a", "b"]})
+    assert status == 400 and body["error"]["param"] == "prompt"
+    status, body = await post(api, "/v1/completions", {"prompt": ["one prompt"],
+                                                       "max_tokens": 2})
+    assert status == 200 and body["object"] == "text_completion"
+    status, body = await post(api, "/v1/completions", {"prompt": "x", "echo": True,
+                                                       "logprobs": 1})
+    assert status == 400 and body["error"]["param"] == "echo"
+    status, body = await post(api, "/v1/completions", {"prompt": [1, 10**8]})
+    assert status == 400 and body["error"]["param"] == "prompt"
+    status, body = await post(api, "/v1/completions", {"prompt": "x", "best_of": 3})
+    assert status == 400 and body["error"]["param"] == "best_of"
+
+
+async def test_completions_count_against_the_same_limits(api):
+    _, before = await api.get("/status")
+    status, _ = await post(api, "/v1/completions", {"prompt": "x", "max_tokens": 2,
+                                                    "priority": "urgent"})
+    assert status == 200
+    _, after = await api.get("/status")
+    assert after["metrics"]["total_requests"] == before["metrics"]["total_requests"] + 1

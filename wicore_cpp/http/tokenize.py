@@ -1,0 +1,55 @@
+"""`POST /tokenize` and `POST /detokenize`, in llama-server's shape (plus an optional
+`model`)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict
+
+from wicore_cpp.http.protocol import json_response, parse_body
+from wicore_cpp.http.state import STATE
+
+routes = web.RouteTableDef()
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    content: str
+    add_special: bool = False
+    parse_special: bool = True
+    with_pieces: bool = False
+    model: str | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    tokens: list[int]
+    model: str | None = None
+
+
+@routes.post("/tokenize")
+async def tokenize(request: web.Request) -> web.Response:
+    """`{"content"}` -> `{"tokens": [ids]}`, or with `with_pieces` `[{"id", "piece"}]` (the
+    piece as text when it is valid UTF-8, else its bytes)."""
+    req = parse_body(await request.read(), TokenizeRequest, {})
+    found = await request.app[STATE].engine.tokenize(
+        req.model, req.content, add_special=req.add_special, parse_special=req.parse_special,
+        with_pieces=req.with_pieces)
+    if not req.with_pieces:
+        return json_response({"tokens": found})
+    return json_response({"tokens": [{"id": t, "piece": _piece(p)} for t, p in found]})
+
+
+@routes.post("/detokenize")
+async def detokenize(request: web.Request) -> web.Response:
+    """`{"tokens": [ids]}` -> `{"content"}`."""
+    req = parse_body(await request.read(), DetokenizeRequest, {})
+    content = await request.app[STATE].engine.detokenize(req.model, req.tokens)
+    return json_response({"content": content})
+
+
+def _piece(piece: bytes) -> str | list[int]:
+    try:
+        return piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(piece)
