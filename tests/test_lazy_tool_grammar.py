@@ -1,0 +1,82 @@
+"""The lazy tool-call grammar of `tool_choice: "auto"`: free text until the answer starts as a
+call, then the call is held to its schema. llama.cpp replays the text that triggered it into
+the grammar and aborts the process if the grammar refuses it, so the trigger patterns must only
+ever match text the grammar accepts. Driven with real tokens, however they split the call,
+in a child process (an abort would otherwise take pytest down)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+from wicore_cpp.engine.tool_calls import ToolFunction, ToolSpec
+
+SPEC = ToolSpec((ToolFunction("get_time", None, {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}),
+    ToolFunction("get_weather", None, None)), "auto", None, True)
+CALL = '{"name": "get_time", "parameters": {"zone": "UTC"}}'
+
+
+def drive(model_path: str) -> None:
+    """Child: feed calls split every way into the lazy grammar; print what it allowed."""
+    import llama_cpp as lc
+
+    from wicore_cpp.engine.backend import Model, init_grammar
+    from wicore_cpp.engine.client import _constraint
+    from wicore_cpp.engine.schema_grammar import schema_to_grammar
+
+    model = Model(__import__("pathlib").Path(model_path), vocab_only=True)
+    spec = _constraint(SPEC, None)
+    grammar = schema_to_grammar(spec["schema"])
+
+    # One token per character (later ids win: normal pieces over <0xXX> byte tokens).
+    by_piece = {model.piece(i): i for i in range(model.info.n_vocab)}
+
+    def char_tokens(text: str) -> list[int]:
+        return [by_piece[ch.encode()] for ch in text]
+
+    cases = {
+        "tokenizer": model.tokenize(CALL, add_special=False),
+        "chars": char_tokens(CALL),
+        "newline first": char_tokens("\n  " + CALL),
+        "list": char_tokens("[" + CALL + "]"),
+        "prose": char_tokens("It is noon."),
+    }
+    report = {}
+    for name, tokens in cases.items():
+        sampler = init_grammar(model, grammar, spec["grammar_triggers"])
+        one = (lc.llama_token_data * 1)()
+        allowed = []
+        for t in tokens:
+            one[0].id, one[0].logit, one[0].p = t, 0.0, 0.0
+            arr = lc.llama_token_data_array(one, 1, -1, False)
+            lc.llama_sampler_apply(sampler, arr)
+            ok = one[0].logit != float("-inf")
+            allowed.append(ok)
+            if not ok:
+                break
+            lc.llama_sampler_accept(sampler, t)
+        # Once triggered, the grammar constrains: a stray letter is refused.
+        (stray,) = char_tokens("Q")
+        one[0].id, one[0].logit = stray, 0.0
+        lc.llama_sampler_apply(sampler, lc.llama_token_data_array(one, 1, -1, False))
+        report[name] = {"all_allowed": all(allowed), "stray_allowed": one[0].logit != float("-inf")}
+        lc.llama_sampler_free(sampler)
+    print(json.dumps(report))
+
+
+def test_triggers_only_ever_replay_text_the_grammar_accepts(demo_model_path):
+    out = subprocess.run(
+        [sys.executable, "-c", f"from tests.test_lazy_tool_grammar import drive; "
+                               f"drive({str(demo_model_path)!r})"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]  # an abort would be -6
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    for case in ("tokenizer", "chars", "newline first", "list"):
+        assert report[case]["all_allowed"], case
+        # After a complete call only the end of generation is allowed.
+        assert not report[case]["stray_allowed"], case
+    # Prose never triggers: the grammar stays out of the way.
+    assert report["prose"] == {"all_allowed": True, "stray_allowed": True}
