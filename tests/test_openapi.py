@@ -4,7 +4,7 @@ route, and true of what the server answers."""
 from __future__ import annotations
 
 from wicore_cpp.http.openapi import REF_TEMPLATE, build_document, operation_of
-from wicore_cpp.http.protocol import ChatCompletionRequest
+from wicore_cpp.http.chat_protocol import ChatCompletionRequest
 from wicore_cpp.http.responses import ChatCompletion, ErrorResponse, ModelList, Status
 
 

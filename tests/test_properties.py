@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from wicore_cpp.engine.client import Priority
 from wicore_cpp.errors import MAX_MESSAGE_CHARS, InvalidRequest
-from wicore_cpp.http.protocol import ChatCompletionRequest, ChunkEncoder, parse_chat_request
+from wicore_cpp.http.chat_protocol import ChatCompletionRequest, parse_chat_request
+from wicore_cpp.http.protocol import ChunkEncoder
 
 SETTINGS = settings(max_examples=100, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -89,7 +90,7 @@ VALID = st.fixed_dictionaries(
         "seed": st.integers(-(2**63), 2**64 - 1),
         "priority": st.sampled_from([p.name for p in Priority]).map(str.lower),
         "return_token_ids": st.booleans(),
-        "logit_bias": JSON,  # unknown fields are ignored
+        "x_unknown_field": JSON,  # fields OpenAI does not define are ignored
     },
 )
 
@@ -100,8 +101,8 @@ def test_valid_requests_keep_what_the_client_sent(data):
     req = parse_chat_request(json.dumps(data).encode())
     sent = [m["content"] if isinstance(m["content"], str)
             else "\n".join(p["text"] for p in m["content"]) for m in data["messages"]]
-    assert [m["content"] for m in req.template_messages()] == sent
-    assert [m["role"] for m in req.template_messages()] == [
+    assert [m["content"] for m in req.engine_messages()] == sent
+    assert [m["role"] for m in req.engine_messages()] == [
         "system" if m["role"] == "developer" else m["role"] for m in data["messages"]]
     params = req.to_sampling_params(req.requested_max_tokens(512))
     stop = data.get("stop")

@@ -14,8 +14,16 @@ from wicore_cpp.http.completion_protocol import (
     parse_completion_request,
     text_completion,
 )
-from wicore_cpp.http.lifecycle import event_stream, generating, generation, request_id_header
+from wicore_cpp.http.lifecycle import (
+    PRIORITY_HEADER,
+    event_stream,
+    generating,
+    generation,
+    request_id_header,
+)
+from wicore_cpp.http.openapi import documented
 from wicore_cpp.http.protocol import ChunkEncoder, completion_logprobs, json_response
+from wicore_cpp.http.responses import TextCompletion
 from wicore_cpp.http.state import STATE
 
 log = logging.getLogger("wicore.completions")
@@ -25,6 +33,10 @@ routes = web.RouteTableDef()
 
 @routes.post("/v1/completions")
 @generating
+@documented("Text completion of a raw prompt, as JSON or (stream: true) server-sent events",
+            request=CompletionRequest, responses={200: TextCompletion},
+            errors=(400, 404, 408, 413, 429, 500, 503, 504), event_stream=True,
+            headers=(PRIORITY_HEADER,), response_headers=("X-Request-Id",))
 async def completions(request: web.Request) -> web.StreamResponse:
     """A completion of `prompt`: JSON, or SSE chunks of `text_completion` objects."""
     req = parse_completion_request(await request.read())

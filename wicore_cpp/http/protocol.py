@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from wicore_cpp.engine.client import Priority, SamplingParams, TokenLogprob
-from wicore_cpp.errors import InvalidRequest, UnsupportedParameter, excerpt
+from wicore_cpp.errors import InvalidRequest, UnsupportedParameter
 
 MAX_STOP_SEQUENCES = 4
 MAX_LOGIT_BIAS = 1024

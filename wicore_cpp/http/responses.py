@@ -39,15 +39,43 @@ class Usage(_Response):
     total_tokens: int
 
 
+class FunctionCall(_Response):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON string")
+
+
+class ToolCallOut(_Response):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class AssistantMessage(_Response):
     role: Literal["assistant"]
-    content: str
+    content: str | None = Field(description="null when the answer is tool calls only")
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(_Response):
+    content: list[TokenLogprobOut] | None
+    refusal: None = None
 
 
 class ChatChoice(_Response):
     index: int
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
+    logprobs: ChoiceLogprobs | None = Field(None, description="with `logprobs: true` only")
     token_ids: list[int] | None = Field(None, description="with `return_token_ids` only")
 
 
@@ -63,11 +91,56 @@ class ChatCompletion(_Response):
     usage: Usage
 
 
+class TextCompletionLogprobs(_Response):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
+    text_offset: list[int]
+
+
+class TextChoice(_Response):
+    index: int
+    text: str
+    logprobs: TextCompletionLogprobs | None
+    finish_reason: Literal["stop", "length"] | None
+    token_ids: list[int] | None = Field(None, description="with `return_token_ids` only")
+
+
+class TextCompletion(_Response):
+    """`POST /v1/completions` without `stream`. (With it: `text/event-stream` of
+    `text_completion` chunks, then `data: [DONE]`.)"""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+
+
+class TokenPiece(_Response):
+    id: int
+    piece: str | list[int] = Field(description="the text, or its bytes when not valid UTF-8")
+
+
+class Tokens(_Response):
+    """`POST /tokenize`: token ids, or with `with_pieces` each id with its piece."""
+
+    tokens: list[int] | list[TokenPiece]
+
+
+class Detokenized(_Response):
+    content: str
+
+
 class ModelCard(_Response):
     id: str
     object: Literal["model"]
     created: int
     owned_by: str
+    context_length: int | None = Field(None, description="longest prompt + completion")
+    capabilities: list[str] | None = None
+    max_choices: int | None = Field(None, description="the most `n` a request may ask")
 
 
 class ModelList(_Response):

@@ -6,7 +6,9 @@ from __future__ import annotations
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
+from wicore_cpp.http.openapi import documented
 from wicore_cpp.http.protocol import json_response, parse_body
+from wicore_cpp.http.responses import Detokenized, Tokens
 from wicore_cpp.http.state import STATE
 
 routes = web.RouteTableDef()
@@ -28,6 +30,9 @@ class DetokenizeRequest(BaseModel):
 
 
 @routes.post("/tokenize")
+@documented("Tokenize text with the model's vocabulary (llama-server's shape)",
+            request=TokenizeRequest, responses={200: Tokens},
+            errors=(400, 404, 408, 413, 429, 503))
 async def tokenize(request: web.Request) -> web.Response:
     """`{"content"}` -> `{"tokens": [ids]}`, or with `with_pieces` `[{"id", "piece"}]` (the
     piece as text when it is valid UTF-8, else its bytes)."""
@@ -41,6 +46,9 @@ async def tokenize(request: web.Request) -> web.Response:
 
 
 @routes.post("/detokenize")
+@documented("Token ids back to text (llama-server's shape)",
+            request=DetokenizeRequest, responses={200: Detokenized},
+            errors=(400, 404, 408, 413, 429, 503))
 async def detokenize(request: web.Request) -> web.Response:
     """`{"tokens": [ids]}` -> `{"content"}`."""
     req = parse_body(await request.read(), DetokenizeRequest, {})
