@@ -53,8 +53,11 @@ test: $(VENV)/.installed-test $(DEMO)
 $(BENCH_MODEL): tools/make_model.py | $(VENV)/.installed
 	$(BIN)/python tools/make_model.py --preset bench --out $@
 
+# Single-turn streams against llama-cpp-python's server, then multi-turn chats against llama.cpp's
+# own llama-server (built once from the pinned sdist's vendor/llama.cpp into build/llama-server).
 bench: $(VENV)/.installed-bench $(BENCH_MODEL)
 	$(BIN)/python tools/bench.py compare --model $(BENCH_MODEL)
+	$(BIN)/python tools/bench.py multiturn --model $(BENCH_MODEL)
 
 # One local worker process against one Ray actor worker (a local Ray instance), 16 streams.
 bench-ray: $(VENV)/.installed-bench $(VENV)/.installed-ray $(BENCH_MODEL)

@@ -142,6 +142,15 @@ async def api(demo_model_path) -> AsyncIterator[Served]:
         yield served
 
 
+@pytest.fixture(scope="session")
+async def api_without_cache(demo_model_path) -> AsyncIterator[Served]:
+    """Like `api`, with the prompt cache off: the same request then sits in the same KV cells
+    every time it runs alone, so sampled output repeats to the last bit (with the cache, the
+    cells of cached prefixes move it, and near-ties can flip; see README, Reproducibility)."""
+    async with serve_in_process(make_config(demo_model_path, prompt_cache_share=0)) as served:
+        yield served
+
+
 @dataclass
 class ServerProcess:
     url: str

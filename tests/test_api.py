@@ -133,7 +133,8 @@ async def test_max_tokens_and_max_completion_tokens(api):
         assert body["usage"]["completion_tokens"] == 4
 
 
-async def test_greedy_is_deterministic_and_seed_repeats(api):
+async def test_greedy_is_deterministic_and_seed_repeats(api_without_cache):
+    api = api_without_cache
     a = await api.chat(HELLO, max_tokens=24, temperature=0)
     b = await api.chat(HELLO, max_tokens=24, temperature=0)
     assert a[1]["choices"][0]["message"] == b[1]["choices"][0]["message"]
@@ -216,7 +217,8 @@ async def test_stream_shape(api):
     assert all("usage" not in c for c in plain[:-1])
 
 
-async def test_stream_equals_non_stream_for_same_seed(api):
+async def test_stream_equals_non_stream_for_same_seed(api_without_cache):
+    api = api_without_cache
     body = dict(max_tokens=48, temperature=0.9, seed=1234)
     _, whole, _ = await api.chat(HELLO, **body)
     _, events, _ = await api.stream(HELLO, **body)

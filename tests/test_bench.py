@@ -284,3 +284,79 @@ def test_cli_parses_each_subcommand():
     assert (args.running, args.waiting) == (16, 32)
     args = parser.parse_args(["compare", "--model", "x.gguf", "--wicore-arg=--workers=1"])
     assert args.wicore_arg == ["--workers=1"] and args.out_dir == "bench-results"
+    args = parser.parse_args(["multiturn", "--model", "x.gguf", "--servers", "wicore"])
+    assert (args.conversations, args.turns, args.servers) == (4, 4, "wicore")
+    args = parser.parse_args(["host-tier", "--model", "x.gguf", "--lengths", "64,128"])
+    assert args.lengths == "64,128"
+
+
+# --------------------------------------------------------------------------- multi-turn
+
+
+def test_tracker_keeps_the_reply_text_and_cached_tokens():
+    res = bench.RequestResult(index=0, start=0.0)
+    tracker = bench.StreamTracker(res)
+    for t, data in enumerate([chunk({"content": "Hel"}), chunk({"content": "lo"}),
+                              chunk(None, usage={"completion_tokens": 2, "prompt_tokens": 9,
+                                                 "prompt_tokens_details": {"cached_tokens": 8}})]):
+        tracker.on_event(bench.SSEEvent(data), float(t))
+    assert "".join(res.text) == "Hello" and res.cached_tokens == 8
+
+
+def test_filler_text_is_deterministic_and_differs_by_seed():
+    assert bench.filler_text(3, 50) == bench.filler_text(3, 50)
+    assert bench.filler_text(3, 50) != bench.filler_text(4, 50)
+    assert len(bench.filler_text(3, 50).split()) == 50
+
+
+def _turn(ttft, cached=None, error=None, start=0.0):
+    return bench.RequestResult(index=0, start=start, end=start + 1.0, ttft=ttft, num_chunks=4,
+                               cached_tokens=cached, error=error)
+
+
+def test_multiturn_summary_by_turn_and_rounds_merged():
+    cfg = bench.MultiTurnConfig(url="u", model="m", conversations=2, turns=3)
+    run1 = bench.summarize_multiturn(
+        [[_turn(2.0), _turn(0.2, 900), _turn(0.3, 1000)],
+         [_turn(4.0, start=1.0), _turn(0.4, 950), _turn(0.5, 1050)]], cfg)
+    assert run1["first_ttft_p50"] == pytest.approx(3.0)
+    assert run1["later_ttft_p50"] == pytest.approx(0.35)
+    assert run1["by_turn"][1]["cached_tokens_mean"] == pytest.approx(925)
+    assert run1["tok_s"] == pytest.approx(24 / 2.0) and run1["errors"] == 0
+    # A conversation that failed at its second turn: that turn and the one it never sent count.
+    run2 = bench.summarize_multiturn(
+        [[_turn(3.0), _turn(0.1), _turn(0.1)], [_turn(5.0), _turn(None, error="boom")]], cfg)
+    assert run2["errors"] == 2
+    row = bench.merge_multiturn_rounds([run1, run2])
+    assert row["first_ttft_p50"] == pytest.approx(3.5)  # 2, 3, 4, 5
+    assert row["later_over_first"] == pytest.approx(row["later_ttft_p50"] / 3.5)
+    assert row["errors"] == 2
+    lines = bench.multiturn_table({"wicore": row})
+    assert lines[0].startswith("| server | turn 1 TTFT p50 (ms) | turn 2 TTFT p50 (ms)")
+    assert lines[2].startswith("| wicore | 3500 |")
+
+
+def test_multiturn_verdicts_against_the_targets():
+    def row(first, later, errors=0):
+        return {"first_ttft_p50": first, "later_ttft_p50": later,
+                "later_over_first": later / first, "errors": errors}
+
+    verdicts = bench.multiturn_verdicts({"wicore": row(4.0, 0.5), "llama-server": row(4.0, 0.6)})
+    assert [ok for _, ok in verdicts] == [True, True]
+    verdicts = bench.multiturn_verdicts({"wicore": row(4.0, 2.0), "llama-server": row(4.0, 1.0)})
+    assert [ok for _, ok in verdicts] == [False, False]
+    assert len(bench.multiturn_verdicts({"wicore": row(4.0, 0.5)})) == 1
+
+
+def test_llama_server_build_is_reused_only_for_the_same_recipe(tmp_path):
+    build = bench.LlamaServerBuild(tmp_path)
+    assert not build.is_built()
+    build.binary.parent.mkdir(parents=True)
+    build.binary.write_text("")
+    (tmp_path / "built-from").write_text(build.recipe + "\n")
+    assert build.is_built() and build.ensure() == build.binary
+    (tmp_path / "built-from").write_text("llama-cpp-python==0.0.1\n")
+    assert not build.is_built()
+    cmd = bench.llama_server(build.binary, "m.gguf", 2, 4096, 16, tmp_path).cmd
+    assert cmd[0] == str(build.binary) and "--kv-unified" in cmd
+    assert cmd[cmd.index("--parallel") + 1] == "16" and cmd[cmd.index("--threads") + 1] == "2"

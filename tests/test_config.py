@@ -17,6 +17,7 @@ from wicore_cpp.config import (
     Config,
     ConfigError,
     load_config,
+    resolve_host_cache_bytes,
 )
 from wicore_cpp.errors import ModelFileError
 
@@ -156,6 +157,22 @@ def test_batch_size_above_concurrency_is_rejected():
     # equal is fine
     config = load_config(environ={}, flags={"max_batch_size": 8, "max_concurrent_requests": 8})
     assert config.max_batch_size == 8
+
+
+def test_prompt_cache_settings():
+    config = load_config(environ={"WICORE_PROMPT_CACHE_SHARE": "0.25"})
+    assert config.prompt_cache_share == 0.25
+    assert config.num_seq_ids == 16 + 1 + 4  # decode slots, urgent slot, cached prefixes
+    off = load_config(environ={}, flags={"prompt_cache_share": "0"})
+    assert off.num_seq_ids == 17 and resolve_host_cache_bytes(off) == 0
+    sized = load_config(environ={}, flags={"prompt_cache_host_mib": 64})
+    assert resolve_host_cache_bytes(sized) == 64 << 20
+    assert resolve_host_cache_bytes(load_config(environ={})) >= 0  # from this machine's RAM
+    with pytest.raises(ConfigError, match="prompt_cache_share"):
+        load_config(environ={}, flags={"prompt_cache_share": "1.5"})
+    with pytest.raises(ConfigError, match="256"):
+        load_config(environ={}, flags={"max_batch_size": 250, "max_concurrent_requests": 300,
+                                       "prompt_cache_seqs": 8})
 
 
 def test_log_level_any_case_accepted():

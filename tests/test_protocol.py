@@ -305,7 +305,9 @@ def test_stop_as_string_and_list():
 
 
 def test_usage_totals():
-    assert usage(15, 128) == {"prompt_tokens": 15, "completion_tokens": 128, "total_tokens": 143}
+    assert usage(15, 128) == {"prompt_tokens": 15, "completion_tokens": 128, "total_tokens": 143,
+                              "prompt_tokens_details": {"cached_tokens": 0}}
+    assert usage(15, 1, 14)["prompt_tokens_details"] == {"cached_tokens": 14}
 
 
 def test_chat_completion_shape_matches_api_document():
@@ -323,7 +325,8 @@ def test_chat_completion_shape_matches_api_document():
     assert choice["message"] == {"role": "assistant", "content": "量子计算..."}
     assert choice["finish_reason"] == "stop"
     assert choice["token_ids"] == list(range(128))
-    assert resp["usage"] == {"prompt_tokens": 15, "completion_tokens": 128, "total_tokens": 143}
+    assert resp["usage"] == {"prompt_tokens": 15, "completion_tokens": 128, "total_tokens": 143,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_chat_completion_without_token_ids():
@@ -406,9 +409,10 @@ def test_finish_chunk(enc, reason):
 
 
 def test_usage_chunk(enc):
-    chunk = event_json(enc.usage(11, 5))
+    chunk = event_json(enc.usage(11, 5, 10))
     assert chunk["choices"] == []
-    assert chunk["usage"] == {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
+    assert chunk["usage"] == {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16,
+                              "prompt_tokens_details": {"cached_tokens": 10}}
 
 
 def test_done_event():

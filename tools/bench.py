@@ -195,8 +195,10 @@ class RequestResult:
     gaps: list[float] = field(default_factory=list)
     num_chunks: int = 0
     usage_tokens: int | None = None
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, if sent
     finish_reason: str | None = None
     error: str | None = None
+    text: list[str] = field(default_factory=list)  # the content chunks, in order
 
     @property
     def ok(self) -> bool:
@@ -233,6 +235,9 @@ class StreamTracker:
         usage = payload.get("usage")
         if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
             res.usage_tokens = usage["completion_tokens"]
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+                res.cached_tokens = details["cached_tokens"]
         for choice in payload.get("choices") or ():
             if choice.get("finish_reason"):
                 res.finish_reason = choice["finish_reason"]
@@ -240,6 +245,7 @@ class StreamTracker:
             if not content:
                 continue
             res.num_chunks += 1
+            res.text.append(content)
             if self._last is None:
                 res.ttft = now - res.start
                 if self._on_first_token is not None:
@@ -374,8 +380,12 @@ def _count(items: Any) -> dict[str, int]:
     return out
 
 
-def _session(connections: int = 0) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections))
+def _session(connections: int = 0, keep_alive: bool = True) -> aiohttp.ClientSession:
+    """A client session. `keep_alive=False` opens a connection per request: llama-server's HTTP
+    library closes idle kept-alive connections on its own schedule, and a request sent on one
+    it has just closed fails ("Can not write request body")."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connections, force_close=not keep_alive))
 
 
 async def run_load(cfg: RunConfig) -> dict[str, Any]:
@@ -562,6 +572,182 @@ async def run_priority(cfg: PriorityConfig) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- multi-turn chats
+
+
+MULTITURN_TARGET_RATIO = 0.25  # later turns' TTFT p50 at most this times the first turn's
+
+# Common English words (single tokens in most vocabularies, the bench model's included).
+_FILLER = (
+    "the", "of", "and", "to", "in", "is", "you", "that", "it", "was", "for", "on", "are",
+    "with", "they", "be", "this", "have", "from", "one", "word", "but", "not", "what", "all",
+    "when", "your", "can", "there", "use", "each", "which", "how", "their", "will", "other",
+    "about", "many", "some", "would", "make", "like", "time", "look", "more", "write", "see",
+    "number", "way", "could", "people", "first", "water", "long", "day", "come", "made",
+    "answer", "question", "please", "help", "text", "data", "server", "request", "message",
+    "city", "country", "computer", "science", "language", "learning", "small", "large", "good",
+    "new", "old", "great", "house", "tree", "river", "quick", "brown", "fox", "lazy", "dog",
+)
+
+
+def filler_text(seed: int, words: int) -> str:
+    """Deterministic prose-like filler: the same seed gives the same text on every server."""
+    out, x = [], seed * 2654435761 % 2**32
+    for i in range(words):
+        x = (x * 1103515245 + 12345) % 2**31
+        word = _FILLER[x % len(_FILLER)]
+        out.append(word + ("." if i % 12 == 11 else ""))
+    return " ".join(out)
+
+
+@dataclass
+class MultiTurnConfig:
+    """Several conversations at once, each sending its turns one after another.
+
+    Every conversation starts with the same long system prompt; each turn resends the whole
+    history (system prompt, every earlier user message and the server's own replies) plus a
+    new user message, as chat clients do.
+    """
+
+    url: str
+    model: str
+    conversations: int = 4
+    turns: int = 4
+    system_words: int = 1200
+    user_words: int = 40
+    max_tokens: int = 48
+    timeout_s: float = 300.0
+    seed: int = 11
+
+
+async def run_multiturn(cfg: MultiTurnConfig) -> dict[str, Any]:
+    """Runs the conversations; TTFT by turn, tokens/s of the whole run, cached tokens."""
+    system = filler_text(cfg.seed, cfg.system_words)
+    async with _session(keep_alive=False) as session:
+        # Warm-up with another system prompt, so the first turns below start cold.
+        warm = {"model": cfg.model, "max_tokens": WARMUP_MAX_TOKENS, "stream": True,
+                "messages": [{"role": "user", "content": filler_text(cfg.seed + 1, 20)}]}
+        warm_res = await stream_request(session, cfg.url, warm, -1, cfg.timeout_s, 0.0)
+        if not warm_res.ok:
+            log.warning("warm-up request failed: %s", warm_res.error)
+        t0 = time.perf_counter()
+
+        async def conversation(c: int) -> list[RequestResult]:
+            messages: list[dict[str, str]] = [{"role": "system", "content": system}]
+            results = []
+            for t in range(cfg.turns):
+                messages.append({"role": "user", "content": filler_text(
+                    cfg.seed * 1000 + c * 100 + t, cfg.user_words)})
+                body = {
+                    "model": cfg.model, "messages": messages, "max_tokens": cfg.max_tokens,
+                    "temperature": 0.7, "seed": BASE_SEED + c * 100 + t, "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
+                res = await stream_request(session, cfg.url, body, c * 100 + t, cfg.timeout_s,
+                                           t0)
+                results.append(res)
+                if not res.ok:
+                    break
+                messages.append({"role": "assistant", "content": "".join(res.text)})
+            return results
+
+        per_conversation = await asyncio.gather(
+            *(conversation(c) for c in range(cfg.conversations)))
+    return summarize_multiturn(per_conversation, cfg)
+
+
+def summarize_multiturn(per_conversation: Sequence[Sequence[RequestResult]],
+                        cfg: MultiTurnConfig) -> dict[str, Any]:
+    """TTFT percentiles by turn (over the conversations), and over all later turns."""
+    results = [r for conv in per_conversation for r in conv]
+    first = min((r.start for r in results), default=0.0)
+    last = max((r.end for r in results), default=0.0)
+    wall = last - first
+    tokens = sum(r.num_chunks for r in results)
+    by_turn = []
+    for t in range(cfg.turns):
+        turn = [conv[t] for conv in per_conversation if len(conv) > t and conv[t].ok]
+        ttfts = [r.ttft for r in turn if r.ttft is not None]
+        cached = [r.cached_tokens for r in turn if r.cached_tokens is not None]
+        by_turn.append({
+            "turn": t + 1, "ttft_p50": percentile(ttfts, 50), "ttft_p95": percentile(ttfts, 95),
+            "ttfts": ttfts, "cached_tokens_mean": statistics.mean(cached) if cached else None,
+        })
+    later = [x for turn in by_turn[1:] for x in turn["ttfts"]]
+    errors = [r.error for r in results if r.error]
+    missing = cfg.conversations * cfg.turns - len(results)
+    return {
+        "url": cfg.url, "conversations": cfg.conversations, "turns": cfg.turns,
+        "system_words": cfg.system_words, "user_words": cfg.user_words,
+        "max_tokens": cfg.max_tokens, "wall_s": wall, "tokens": tokens,
+        "tok_s": tokens / wall if wall > 0 else 0.0, "by_turn": by_turn,
+        "first_ttft_p50": by_turn[0]["ttft_p50"] if by_turn else None,
+        "later_ttft_p50": percentile(later, 50),
+        "errors": len(errors) + missing, "error_samples": sorted(set(errors))[:5],
+    }
+
+
+def merge_multiturn_rounds(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One server's rounds as one row: TTFTs pooled over the rounds, the median round's
+    tokens/s, every round's errors."""
+    turns = max(len(r["by_turn"]) for r in rounds)
+    by_turn = []
+    for t in range(turns):
+        ttfts = [x for r in rounds if len(r["by_turn"]) > t for x in r["by_turn"][t]["ttfts"]]
+        cached = [r["by_turn"][t]["cached_tokens_mean"] for r in rounds
+                  if len(r["by_turn"]) > t and r["by_turn"][t]["cached_tokens_mean"] is not None]
+        by_turn.append({"turn": t + 1, "ttft_p50": percentile(ttfts, 50),
+                        "cached_tokens_mean": statistics.mean(cached) if cached else None})
+    later = [x for r in rounds for turn in r["by_turn"][1:] for x in turn["ttfts"]]
+    first = by_turn[0]["ttft_p50"] if by_turn else None
+    later_p50 = percentile(later, 50)
+    tok_s = sorted(r["tok_s"] for r in rounds)
+    return {
+        "by_turn": by_turn, "first_ttft_p50": first, "later_ttft_p50": later_p50,
+        "later_over_first": later_p50 / first if first and later_p50 is not None else None,
+        "tok_s": tok_s[(len(tok_s) - 1) // 2], "rounds_tok_s": [r["tok_s"] for r in rounds],
+        "errors": sum(r["errors"] for r in rounds),
+    }
+
+
+def multiturn_table(rows: dict[str, dict[str, Any]]) -> list[str]:
+    turns = max((len(r["by_turn"]) for r in rows.values()), default=0)
+    head = "| server | " + " | ".join(f"turn {t + 1} TTFT p50 (ms)" for t in range(turns))
+    lines = [
+        head + " | later turns p50 (ms) | later / first | tok/s | cached tokens, later turns "
+        "(mean) | errors |",
+        "|---|" + "---:|" * (turns + 5),
+    ]
+    for name, r in rows.items():
+        cached = [t["cached_tokens_mean"] for t in r["by_turn"][1:]
+                  if t["cached_tokens_mean"] is not None]
+        lines.append(
+            f"| {name} | " + " | ".join(_fmt(t["ttft_p50"], 1000) for t in r["by_turn"])
+            + f" | {_fmt(r['later_ttft_p50'], 1000)} | {_fmt(r['later_over_first'], digits=2)}"
+            + f" | {_fmt(r['tok_s'], digits=1)}"
+            + f" | {_fmt(statistics.mean(cached)) if cached else '-'} | {r['errors']} |"
+        )
+    return lines
+
+
+def multiturn_verdicts(rows: dict[str, dict[str, Any]]) -> list[tuple[str, bool]]:
+    """The issue's targets: WiCore's later turns at most 0.25x its first turn's TTFT p50, and
+    at most llama-server's later turns' (each only when the rows are there)."""
+    out = []
+    ours = rows.get("wicore")
+    if ours and ours["later_over_first"] is not None:
+        out.append((f"WiCore later turns / first turn TTFT p50: {ours['later_over_first']:.2f}x "
+                    f"(target <= {MULTITURN_TARGET_RATIO}x)",
+                    ours["later_over_first"] <= MULTITURN_TARGET_RATIO and not ours["errors"]))
+    theirs = rows.get("llama-server")
+    if ours and theirs and ours["later_ttft_p50"] and theirs["later_ttft_p50"]:
+        out.append((f"WiCore / llama-server later turns TTFT p50: "
+                    f"{ours['later_ttft_p50'] / theirs['later_ttft_p50']:.2f}x (target <= 1x)",
+                    ours["later_ttft_p50"] <= theirs["later_ttft_p50"]
+                    and not ours["errors"] and not theirs["errors"]))
+    return out
+
+
 # --------------------------------------------------------------------------- servers
 
 
@@ -679,6 +865,97 @@ def llama_cpp_server(
     return ServerProcess(
         "llama-cpp-python", cmd, "/v1/models", port, log_dir / f"{log_name}.log"
     )
+
+
+# --------------------------------------------------------------------------- llama-server
+
+
+LLAMA_CPP_PYTHON_PIN = "llama-cpp-python==0.3.36"
+LLAMA_SERVER_CMAKE_ARGS = (
+    "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
+)
+
+
+class LlamaServerBuild:
+    """llama.cpp's own `llama-server`, built for the CPU from the `vendor/llama.cpp` tree of
+    the pinned llama-cpp-python source distribution, so it runs the very llama.cpp WiCore
+    does. Built once under `root` (about 8 minutes on 2 cores); later runs reuse the binary
+    while the pin and the build options are the same. Nothing built here is committed.
+    """
+
+    def __init__(self, root: Path = Path("build/llama-server"), jobs: int = 0) -> None:
+        self.root = root
+        self.jobs = jobs or os.cpu_count() or 1
+        self.binary = root / "build" / "bin" / "llama-server"
+        self._stamp = root / "built-from"
+
+    @property
+    def recipe(self) -> str:
+        return " ".join((LLAMA_CPP_PYTHON_PIN, *LLAMA_SERVER_CMAKE_ARGS))
+
+    def is_built(self) -> bool:
+        return self.binary.is_file() and self._stamp.is_file() \
+            and self._stamp.read_text().strip() == self.recipe
+
+    def ensure(self) -> Path:
+        """The llama-server binary, built first if this recipe has not been built yet."""
+        if self.is_built():
+            return self.binary
+        self.root.mkdir(parents=True, exist_ok=True)
+        source = self._source()
+        build = self.root / "build"
+        log.info("building llama-server from %s (once; about 8 minutes on 2 cores)", source)
+        started = time.monotonic()
+        self._run(["cmake", "-S", str(source), "-B", str(build), *LLAMA_SERVER_CMAKE_ARGS])
+        self._run(["cmake", "--build", str(build), "-j", str(self.jobs), "--target",
+                   "llama-server"])
+        self._stamp.write_text(self.recipe + "\n")
+        log.info("llama-server built in %.0f s: %s", time.monotonic() - started, self.binary)
+        return self.binary
+
+    def _source(self) -> Path:
+        """vendor/llama.cpp of the pinned sdist (pip download uses pip's cache when it can)."""
+        import tarfile
+
+        name, version = LLAMA_CPP_PYTHON_PIN.split("==")
+        unpacked = self.root / "src" / f"{name.replace('-', '_')}-{version}"
+        vendor = unpacked / "vendor" / "llama.cpp"
+        if vendor.is_dir():
+            return vendor
+        sdist_dir = self.root / "sdist"
+        self._run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
+                   ":all:", LLAMA_CPP_PYTHON_PIN, "-d", str(sdist_dir)])
+        (tarball,) = sdist_dir.glob(f"{name.replace('-', '_')}-{version}.tar.gz")
+        with tarfile.open(tarball) as tar:
+            tar.extractall(self.root / "src", filter="data")
+        return vendor
+
+    def _run(self, cmd: list[str]) -> None:
+        log_path = self.root / "build.log"
+        with open(log_path, "ab") as out:
+            out.write(("$ " + " ".join(cmd) + "\n").encode())
+            out.flush()
+            rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL)
+        if rc != 0:
+            raise RuntimeError(f"{cmd[0]} failed ({rc}); see {log_path}")
+
+
+def llama_server(
+    binary: Path, model: str, threads: int, n_ctx: int, parallel: int, log_dir: Path,
+    extra: Sequence[str] = (), log_name: str = "llama-server",
+) -> ServerProcess:
+    """llama.cpp's server on one GGUF: `parallel` slots in one unified KV pool of `n_ctx`
+    cells, as WiCore's worker has; its prompt cache (`cache_prompt`, `--cache-ram`, context
+    checkpoints) is on, as by default. Served under the model id "bench"."""
+    port = free_port()
+    cmd = [
+        str(binary), "--model", model, "--alias", "bench", "--host", "127.0.0.1",
+        "--port", str(port), "--threads", str(threads), "--threads-batch", str(threads),
+        "--ctx-size", str(n_ctx), "--parallel", str(parallel), "--kv-unified", *extra,
+    ]
+    return ServerProcess("llama-server", cmd, "/health", port, log_dir / f"{log_name}.log")
 
 
 # --------------------------------------------------------------------------- compare
@@ -881,6 +1158,142 @@ async def compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- multiturn
+
+
+async def multiturn(args: argparse.Namespace) -> int:
+    """The multi-turn workload on WiCore (with and without its prompt cache) and llama.cpp's
+    own server, one server at a time, rounds alternating; a table of TTFT by turn."""
+    model = str(Path(args.model).resolve())
+    if not Path(model).is_file():
+        log.error("model file %s not found", model)
+        return 2
+    threads = args.threads or physical_cores()
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    factories: dict[str, Callable[[int], ServerProcess]] = {}
+    common = ["--ctx-size", str(args.n_ctx)]
+    if "wicore" in servers:
+        factories["wicore"] = lambda n: wicore_server(
+            model, threads, out_dir, [*common, *args.wicore_arg], f"multiturn-wicore-r{n}")
+    if "wicore-nocache" in servers:
+        factories["wicore-nocache"] = lambda n: wicore_server(
+            model, threads, out_dir, [*common, "--prompt-cache-share", "0", *args.wicore_arg],
+            f"multiturn-wicore-nocache-r{n}")
+    if "llama-server" in servers:
+        binary = await asyncio.to_thread(LlamaServerBuild(Path(args.build_dir)).ensure)
+        factories["llama-server"] = lambda n: llama_server(
+            binary, model, threads, args.n_ctx, args.parallel, out_dir, args.llama_arg,
+            f"multiturn-llama-server-r{n}")
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, _cancel_current_task())
+    results: dict[str, Any] = {
+        "model": model, "threads": threads, "n_ctx": args.n_ctx, "rounds": args.rounds,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "loadavg_start": _loadavg(),
+        "runs": {name: [] for name in factories}, "failures": [],
+    }
+    began = time.monotonic()
+    for n in range(args.rounds):
+        for name, factory in factories.items():
+            if any(f.startswith(name + ":") for f in results["failures"]):
+                continue
+            server = factory(n + 1)
+            try:
+                server.start()
+                await server.wait_ready(args.start_timeout)
+                run = await run_multiturn(MultiTurnConfig(
+                    url=server.url, model="bench", conversations=args.conversations,
+                    turns=args.turns, system_words=args.system_words,
+                    user_words=args.user_words, max_tokens=args.max_tokens,
+                    timeout_s=args.timeout,
+                ))
+                results["runs"][name].append(run)
+                log.info("round %d, %s: first turn TTFT p50 %s s, later %s s, %.1f tok/s, "
+                         "%d errors", n + 1, name, run["first_ttft_p50"], run["later_ttft_p50"],
+                         run["tok_s"], run["errors"])
+            except Exception as exc:  # noqa: BLE001 - one failed server must not stop the rest
+                log.exception("%s failed", name)
+                results["failures"].append(f"{name}: {exc}")
+            finally:
+                server.stop()
+    rows = {name: merge_multiturn_rounds(runs) for name, runs in results["runs"].items() if runs}
+    verdicts = multiturn_verdicts(rows)
+    results.update(table=rows, verdicts=verdicts, elapsed_s=time.monotonic() - began,
+                   loadavg_end=_loadavg())
+    load = results["loadavg_start"]
+    emit(f"model {model}, {threads} threads, {args.conversations} conversations x {args.turns} "
+         f"turns, system prompt {args.system_words} words, {args.user_words} words a turn, "
+         f"max_tokens {args.max_tokens}, {args.rounds} rounds"
+         + (f", load average {load:.1f} at start" if load is not None else ""))
+    emit()
+    for line in multiturn_table(rows):
+        emit(line)
+    emit()
+    for text, ok in verdicts:
+        emit(f"{text}: {'PASS' if ok else 'MISS'}")
+    for failure in results["failures"]:
+        emit(f"FAILED: {failure}")
+    emit(f"\nmultiturn took {results['elapsed_s']:.0f} s; logs and JSON in {out_dir}/")
+    (out_dir / "multiturn.json").write_text(json.dumps(results, indent=2) + "\n")
+    if results["failures"] or any(r["errors"] for r in rows.values()):
+        return 1
+    if args.strict and not all(ok for _, ok in verdicts):
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------- host tier
+
+
+def measure_host_tier(model_path: str, threads: int, lengths: Sequence[int],
+                      repeats: int = 3) -> list[dict[str, Any]]:
+    """For each prompt length: the time to prefill it, to save its KV cells to host memory
+    (`llama_state_seq_get_data`) and to put them back (`llama_state_seq_set_data`), on
+    WiCore's own backend, in one context shaped like a worker's. Medians of `repeats`."""
+    from wicore_cpp.engine.backend import BatchContext, Model
+
+    model = Model(Path(model_path))
+    n_batch = 512
+    ctx = BatchContext(model, n_ctx=max(lengths) + n_batch, n_batch=n_batch, n_seq_max=1,
+                       threads=threads, flash_attn="auto")
+    rows = []
+    try:
+        words = filler_text(5, max(lengths))
+        tokens = model.tokenize(words, add_special=True)
+        for n in lengths:
+            prompt = tokens[:n]
+            assert len(prompt) == n, "filler text too short"
+            prefill, save, restore = [], [], []
+            for _ in range(repeats):
+                ctx.drop_sequence(0)
+                t = time.perf_counter()
+                for start in range(0, n, n_batch):
+                    ctx.clear_batch()
+                    for pos in range(start, min(n, start + n_batch)):
+                        ctx.add(prompt[pos], pos, 0, pos == n - 1)
+                    if ctx.decode() != 0:
+                        raise RuntimeError("decode failed")
+                ctx.logits_ready(ctx.batch_size - 1)
+                prefill.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                state = ctx.save_sequence(0)
+                save.append(time.perf_counter() - t)
+                assert state is not None
+                ctx.drop_sequence(0)  # evicted; then a request comes back for it
+                t = time.perf_counter()
+                ok = ctx.restore_sequence(0, state)
+                restore.append(time.perf_counter() - t)
+                assert ok and ctx.pos_max(0) == n - 1
+            rows.append({"tokens": n, "bytes": len(state),
+                         "prefill_s": statistics.median(prefill),
+                         "save_s": statistics.median(save),
+                         "restore_s": statistics.median(restore)})
+    finally:
+        ctx.close()
+        model.close()
+    return rows
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -1018,6 +1431,38 @@ def build_parser() -> argparse.ArgumentParser:
                       help="extra argument for `wicore serve` (repeatable)")
     cmp_.add_argument("--llama-arg", action="append", default=[], metavar="ARG",
                       help="extra argument for llama_cpp.server (repeatable)")
+
+    ht = sub.add_parser("host-tier", help="prefill vs save/restore of KV cells (no server)")
+    ht.add_argument("--model", required=True, help="GGUF file")
+    ht.add_argument("--threads", type=int, default=0, help="default: physical cores")
+    ht.add_argument("--lengths", default="64,256,1024,4096", help="comma list of prompt tokens")
+    ht.add_argument("--repeats", type=int, default=3)
+    ht.add_argument("--json", metavar="OUT")
+
+    mt = sub.add_parser("multiturn", help="multi-turn chats: WiCore vs llama.cpp's llama-server")
+    mt.add_argument("--model", required=True, help="GGUF file")
+    mt.add_argument("--threads", type=int, default=0, help="default: physical cores")
+    mt.add_argument("--conversations", type=int, default=4, help="conversations at once")
+    mt.add_argument("--turns", type=int, default=4, help="turns per conversation")
+    mt.add_argument("--system-words", type=int, default=1200, help="shared system prompt")
+    mt.add_argument("--user-words", type=int, default=40, help="each user message")
+    mt.add_argument("--max-tokens", type=int, default=48, help="each reply")
+    mt.add_argument("--rounds", type=int, default=3,
+                    help="rounds, alternating the servers; TTFTs are pooled over them")
+    mt.add_argument("--n-ctx", type=int, default=32768, help="KV pool of each server")
+    mt.add_argument("--parallel", type=int, default=16, help="llama-server's slots")
+    mt.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
+    mt.add_argument("--start-timeout", type=float, default=300.0)
+    mt.add_argument("--servers", default="wicore,wicore-nocache,llama-server",
+                    help="comma list: wicore,wicore-nocache,llama-server")
+    mt.add_argument("--build-dir", default="build/llama-server",
+                    help="where llama-server is built (once) and kept")
+    mt.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    mt.add_argument("--out-dir", default="bench-results")
+    mt.add_argument("--wicore-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument for `wicore serve` (repeatable)")
+    mt.add_argument("--llama-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument for llama-server (repeatable)")
     return parser
 
 
@@ -1067,6 +1512,20 @@ def _dispatch(args: argparse.Namespace) -> int:
              f"max {_fmt(short['max_s'], 1000)} ms")
         _write_json(args.json, report)
         return 0 if short["ok"] == short["count"] else 1
+    if args.command == "multiturn":
+        return asyncio.run(multiturn(args))
+    if args.command == "host-tier":
+        rows = measure_host_tier(args.model, args.threads or physical_cores(),
+                                 [int(x) for x in args.lengths.split(",")], args.repeats)
+        emit("| prompt tokens | KV state (MiB) | prefill (ms) | save (ms) | restore (ms) "
+             "| prefill / restore |")
+        emit("|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            emit(f"| {r['tokens']} | {r['bytes'] / 2**20:.1f} | {r['prefill_s'] * 1000:.1f} "
+                 f"| {r['save_s'] * 1000:.1f} | {r['restore_s'] * 1000:.1f} "
+                 f"| {r['prefill_s'] / r['restore_s']:.0f}x |")
+        _write_json(args.json, {"model": args.model, "rows": rows})
+        return 0
     return asyncio.run(compare(args))
 
 

@@ -9,6 +9,7 @@ produces means nothing, but it costs the same to run as a trained model of the s
     python tools/make_model.py --preset demo  --out models/gemma-3-demo.gguf
     python tools/make_model.py --preset bench --out models/bench-gemma3-q8_0.gguf
     python tools/make_model.py --preset demo  --out /tmp/demo-f32.gguf --dtype f32
+    python tools/make_model.py --preset demo-swa32 --out /tmp/swa32.gguf --dtype f32
 
 Tests import :func:`write_model` from this file (``tools/`` is not a package).
 """
@@ -133,6 +134,13 @@ PRESETS: dict[str, Preset] = {
     "demo": Preset(
         name="demo", n_vocab=2048, n_embd=256, n_layer=3, n_head=4, n_head_kv=2, head_dim=64,
         n_ff=512, n_ctx_train=8192, sliding_window=512, swa_pattern=3, default_dtype="f16",
+    ),
+    # The demo with a 32-token sliding window: prompts of a few hundred tokens move the window
+    # far past positions a prompt cache may want to reuse (Gemma-3-27B's window is 1024).
+    "demo-swa32": Preset(
+        name="demo-swa32", n_vocab=2048, n_embd=256, n_layer=3, n_head=4, n_head_kv=2,
+        head_dim=64, n_ff=512, n_ctx_train=8192, sliding_window=32, swa_pattern=3,
+        default_dtype="f16",
     ),
     # The shape (and so the cost to run) of a small real model: 222M parameters, 237 MB as Q8_0.
     "bench": Preset(

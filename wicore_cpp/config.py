@@ -34,6 +34,23 @@ def resolve_threads(threads: int) -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
+def resolve_host_cache_bytes(config: Config) -> int:
+    """Bytes of host memory one worker's prompt cache may use for evicted prefixes. The
+    default (-1) is an eighth of the machine's RAM, at most a quarter of what is free at start,
+    shared by all workers, and none on a machine with under 16 GiB."""
+    if config.prompt_cache_share == 0:
+        return 0
+    if config.prompt_cache_host_mib >= 0:
+        return config.prompt_cache_host_mib << 20
+    import psutil
+
+    memory = psutil.virtual_memory()
+    if memory.total < 16 << 30:
+        return 0
+    num_workers = config.workers * len(config.served_models()[0])
+    return int(min(memory.total / 8, memory.available / 4) / num_workers)
+
+
 class ConfigError(ValueError):
     """The configuration is invalid; the message says which value and why."""
 
@@ -87,6 +104,20 @@ class Config(BaseModel):
     grammar_budget_ms: int = Field(
         500, ge=0, description="Most time one step may spend looking for a token that a "
         "request's JSON schema or tool grammar allows; past it that request fails.",
+    )
+    prompt_cache_share: float = Field(
+        1.0, ge=0.0, le=1.0, description="Share of a worker's KV pool that cached prompt "
+        "prefixes may hold while no running sequence needs the cells; 0 turns the prompt cache "
+        "off.",
+    )
+    prompt_cache_seqs: int = Field(
+        4, ge=0, le=64, description="Sequence ids per worker beyond the decode slots, for "
+        "cached prefixes; each costs a window of KV cells in every sliding-window layer.",
+    )
+    prompt_cache_host_mib: int = Field(
+        -1, ge=-1, description="Host memory per worker (MiB) for evicted prompt prefixes, put "
+        "back when a request comes back for them; 0: off; -1: an eighth of RAM shared by the "
+        "workers (at most a quarter of the free RAM), off under 16 GiB.",
     )
     max_concurrent_requests: int = Field(
         32, ge=1, description="Requests admitted (running or queued) before 429."
@@ -151,7 +182,16 @@ class Config(BaseModel):
                              "its GPU (see ray_resources)")
         if any(amount <= 0 for amount in self.ray_resources.values()):
             raise ValueError("ray_resources amounts must be positive")
+        if self.num_seq_ids > 256:
+            raise ValueError("max_batch_size + urgent_slots + prompt_cache_seqs cannot exceed "
+                             "256 (llama.cpp's sequence limit)")
         return self
+
+    @property
+    def num_seq_ids(self) -> int:
+        """llama.cpp sequence ids per worker: decode slots, urgent slots, cached prefixes."""
+        cache = self.prompt_cache_seqs if self.prompt_cache_share > 0 else 0
+        return self.max_batch_size + self.urgent_slots + cache
 
     def served_models(self) -> tuple[dict[str, Path], str | None]:
         """Model ids to serve and their files, plus a note when the demo stands in for Gemma.

@@ -132,6 +132,11 @@ class Model:
             cached = self._eog[token] = bool(lc.llama_vocab_is_eog(self.vocab, token))
         return cached
 
+    @property
+    def n_swa(self) -> int:
+        """The sliding window of the model's windowed layers, in tokens (0: it has none)."""
+        return lc.llama_model_n_swa(self.ptr)
+
     def close(self) -> None:
         if self.ptr:
             lc.llama_model_free(self.ptr)
@@ -439,6 +444,44 @@ class BatchContext:
 
     def drop_sequence(self, seq_id: int) -> None:
         lc.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+
+    # -- what the prompt cache needs ------------------------------------------------------------
+
+    def pos_min(self, seq_id: int) -> int:
+        """The first position `seq_id` still holds in every layer (-1: none). With sliding-window
+        layers this rises as the window moves on: positions before it are gone from those."""
+        return lc.llama_memory_seq_pos_min(self.memory, seq_id)
+
+    def share_prefix(self, src: int, dst: int, n: int) -> None:
+        """Give `dst` the cells of `src`'s positions [0, n): in the unified pool the cells are
+        shared (a sequence id is added to them), nothing is copied."""
+        lc.llama_memory_seq_cp(self.memory, src, dst, 0, n)
+
+    def trim(self, seq_id: int, n: int) -> None:
+        """Drop `seq_id`'s positions from `n` on."""
+        lc.llama_memory_seq_rm(self.memory, seq_id, n, -1)
+
+    def save_sequence(self, seq_id: int) -> bytearray | None:
+        """A copy of `seq_id`'s cells (every layer) in host memory, or None if llama.cpp fails."""
+        size = lc.llama_state_seq_get_size(self.ptr, seq_id)
+        if size <= 0:
+            return None
+        data = bytearray(size)
+        view = (ctypes.c_uint8 * size).from_buffer(data)
+        n = lc.llama_state_seq_get_data(self.ptr, view, size, seq_id)
+        del view  # release the buffer export so the bytearray can be resized
+        if n <= 0:
+            return None
+        del data[n:]
+        return data
+
+    def restore_sequence(self, seq_id: int, data: bytearray) -> bool:
+        """Put cells saved by `save_sequence` back, as `seq_id` (whose cells are dropped first)."""
+        view = (ctypes.c_uint8 * len(data)).from_buffer(data)
+        try:
+            return lc.llama_state_seq_set_data(self.ptr, view, len(data), seq_id) > 0
+        finally:
+            del view
 
     def close(self) -> None:
         if self.ptr:

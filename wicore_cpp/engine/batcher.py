@@ -3,8 +3,10 @@
 Every `step()` builds one batch: a token for each sequence that is generating, then prompt
 chunks of sequences still prefilling in the room left (at most `n_batch` tokens in all), so a
 long prompt is spread over several steps while running streams keep getting a token per step.
-New requests join between steps; finished ones leave and free their KV cells at once. A request
-with `n` choices prefills once and then runs as `n` sequences (`_fan_out_choices`).
+New requests join between steps; finished ones leave, and their KV cells either go back to the
+pool at once or stay in the prompt cache (prompt_cache.py), which also decides where a new
+sequence starts. A request with `n` choices prefills once and then runs as `n` sequences
+(`_fan_out_choices`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from wicore_cpp.engine.messages import (
     SeqUpdate,
     TokenLogprob,
 )
+from wicore_cpp.engine.prompt_cache import PromptCache
 from wicore_cpp.engine.sequence import Sequence
 
 log = logging.getLogger("wicore.batcher")
@@ -29,7 +32,12 @@ log = logging.getLogger("wicore.batcher")
 
 class ContinuousBatcher:
     def __init__(self, model: Model, ctx: BatchContext, max_batch_size: int | None = None,
-                 sample_threads: int = 1, grammar_budget_s: float = 0.5):
+                 sample_threads: int = 1, grammar_budget_s: float = 0.5, *,
+                 max_running: int | None = None, cache_cells: int = 0,
+                 cache_host_bytes: int = 0):
+        """`max_running`: sequences at once (default: every seq id of the context; seq ids
+        beyond it are for cached prefixes); `cache_cells`: most KV cells the prompt cache may
+        hold (0: no cache); `cache_host_bytes`: its host-memory tier (0: none)."""
         self.model = model
         self.ctx = ctx
         # Slots beyond max_batch_size are for urgent requests; a step still decodes at most
@@ -41,6 +49,12 @@ class ContinuousBatcher:
         self._num_chunks = max(1, sample_threads)
         self._pool = ThreadPoolExecutor(self._num_chunks - 1) if self._num_chunks > 1 else None
         self._free_slots = deque(range(ctx.n_seq_max))
+        self.max_running = max_running or ctx.n_seq_max
+        self.cache = PromptCache(
+            ctx, model.n_swa, self._free_slots, max_cells=cache_cells,
+            host_bytes=cache_host_bytes,
+            swa_budget=model.n_swa * (ctx.n_seq_max - self.max_running),
+        )
         self._pending: deque[GenerateRequest] = deque()
         # (request id, choice index) -> sequence; admission order = prefill order
         self._active: dict[tuple[str, int], Sequence] = {}
@@ -84,8 +98,9 @@ class ContinuousBatcher:
     def _admit(self) -> None:
         # A request is admitted only when its whole prompt + completions fit in the KV pool
         # beside the others, so a decode never runs out of cells halfway through a stream.
-        # Its choices share the prompt's cells.
-        while self._pending and self._free_slots:
+        # Its choices share the prompt's cells; cached prefixes give way to it, and it starts
+        # after the longest one it can use.
+        while self._pending and self._num_sequences() < self.max_running:
             req = self._pending[0]
             n = req.params.n
             need = len(req.prompt_tokens) + n * req.params.max_tokens
@@ -95,7 +110,8 @@ class ContinuousBatcher:
                                     f"prompt + max_tokens ({need}) exceeds the KV cache "
                                     f"({self.ctx.n_ctx} tokens)")
                 continue
-            if self._reserved + need > self.ctx.n_ctx or len(self._free_slots) < n:
+            if (self._reserved + need > self.ctx.n_ctx
+                    or self._num_sequences() + n > self.max_running):
                 break
             self._pending.popleft()
             samplers: list[Sampler] = []
@@ -110,9 +126,12 @@ class ContinuousBatcher:
                     sampler.free()
                 self._end_unstarted(req, FINISH_ERROR, str(exc))
                 continue
-            slots = [self._free_slots.popleft() for _ in range(n)]
-            seq = Sequence(req, slots[0], samplers[0], need)
-            seq.pending_choices = list(zip(slots[1:], samplers[1:], strict=True))
+            slot, n_cached = self.cache.place(req.request_id, req.prompt_tokens, need,
+                                              self._reserved, req.params.cache_prompt)
+            choice_slots = [self.cache.take_seq_id() for _ in range(n - 1)]
+            seq = Sequence(req, slot, samplers[0], need)
+            seq.n_cached = n_cached
+            seq.pending_choices = list(zip(choice_slots, samplers[1:], strict=True))
             self._active[(req.request_id, 0)] = seq
             self._reserved += need
 
@@ -155,12 +174,15 @@ class ContinuousBatcher:
 
         if ctx.batch_size:
             rc = ctx.decode()
+            while rc == 1 and self.cache.evict_one():
+                rc = ctx.decode()  # cells a cached prefix held may be what this batch lacked
             if rc != 0:
                 self._on_decode_failure(rc, progress)
                 to_sample = []
             else:
                 for seq, n in progress:
                     seq.n_cached += n
+                self.cache.after_step(progress)
                 to_sample += self._fan_out_choices(to_sample)
         model = self.model
         for (seq, _), token in zip(to_sample, self._sample(to_sample), strict=True):
@@ -188,6 +210,7 @@ class ContinuousBatcher:
             request = GenerateRequest(seq.request_id, seq.prompt, seq.params, seq.priority)
             for i, (slot, sampler) in enumerate(choices, start=1):
                 self.ctx.copy_sequence(seq.slot, slot)
+                self.cache.fork(seq.slot, slot, seq.n_cached)
                 choice = Sequence(request, slot, sampler, max_tokens, index=i)
                 choice.n_cached = seq.n_cached
                 self._active[(seq.request_id, i)] = choice
@@ -256,10 +279,12 @@ class ContinuousBatcher:
         return updates
 
     def _release(self, seq: Sequence, updates: list[SeqUpdate]) -> None:
-        """Free a finished sequence's slot, KV cells, sampler and reservation."""
-        self.ctx.drop_sequence(seq.slot)
+        """Free a finished sequence's sampler and reservation; its slot and KV cells go back
+        to the pool or stay in the prompt cache."""
+        if not self.cache.release(seq.slot, self._kv_to_keep(seq), len(seq.prompt)):
+            self.ctx.drop_sequence(seq.slot)
+            self._free_slots.append(seq.slot)
         seq.sampler.free()
-        self._free_slots.append(seq.slot)
         for i, (slot, sampler) in enumerate(seq.pending_choices, start=1):
             # Ended (cancelled, failed) before its choices were fanned out: they end with it.
             sampler.free()
@@ -276,3 +301,15 @@ class ContinuousBatcher:
                 survivor.reservation += prompt_share
                 seq.reservation -= prompt_share
         self._reserved -= seq.reservation
+
+    def _kv_to_keep(self, seq: Sequence) -> list[int] | None:
+        """What an ended sequence's KV cells hold, for the prompt cache; None when they are
+        not to be kept (the cache is off, the request opted out, or its decode failed)."""
+        if (not self.cache.is_enabled or not seq.params.cache_prompt
+                or seq.finish_reason == FINISH_ERROR):
+            return None
+        return seq.kv_tokens()
+
+    def _num_sequences(self) -> int:
+        """Sequences holding a seq id: running ones, and choices waiting to fan out."""
+        return len(self._active) + sum(len(s.pending_choices) for s in self._active.values())

@@ -23,7 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from wicore_cpp.config import Config
-from wicore_cpp.engine.messages import GenerateRequest, SamplingParams, TokenLogprob
+from wicore_cpp.engine.messages import (
+    GenerateRequest,
+    PromptCacheStats,
+    SamplingParams,
+    TokenLogprob,
+)
 from wicore_cpp.engine.queue import Priority
 from wicore_cpp.engine.request import (
     FINISH_TIMEOUT,
@@ -57,6 +62,7 @@ __all__ = [
     "Event",
     "Generation",
     "Priority",
+    "PromptCacheStats",
     "RequestEnded",
     "ResponseFormat",
     "SamplingParams",
@@ -138,6 +144,12 @@ class Generation:
     @property
     def num_choices(self) -> int:
         return self._tracked.num_choices
+
+    @property
+    def num_cached_tokens(self) -> int:
+        """Prompt tokens taken from the prompt cache rather than prefilled (known once the
+        first event has arrived)."""
+        return self._tracked.num_cached_tokens
 
     def __aiter__(self) -> Generation:
         return self

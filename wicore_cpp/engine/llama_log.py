@@ -26,8 +26,9 @@ _LEVELS = {LEVEL_NONE: logging.DEBUG, LEVEL_DEBUG: logging.DEBUG, LEVEL_INFO: lo
            LEVEL_WARN: logging.WARNING, LEVEL_ERROR: logging.ERROR}
 # llama.cpp warnings that do not apply to how WiCore uses it. "n_ctx_seq > n_ctx_train": with
 # a unified KV pool llama.cpp calls the whole pool one sequence's context, but the scheduler
-# caps every sequence at the model's trained context.
-_NOT_A_WARNING = ("n_ctx_seq (",)
+# caps every sequence at the model's trained context. "failed to find a memory slot": the
+# batcher evicts cached prompt prefixes and retries the batch, and logs what it did.
+_NOT_A_WARNING = ("n_ctx_seq (", "failed to find a memory slot")
 
 Sink = Callable[[int, str], None]
 

@@ -7,7 +7,7 @@ updates of every sequence that step touched, never one message per token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 
 # Finish reasons a worker reports. "stop" and "length" are OpenAI's; the others end a
 # sequence early and are mapped by the scheduler.
@@ -44,6 +44,9 @@ class SamplingParams:
     # With trigger patterns the grammar is lazy: free text until the output matches one
     # (llama.cpp's regex, the whole output so far), constrained from the match on.
     grammar_triggers: tuple[str, ...] = ()
+    # Not sampling, but per sequence all the same: False (llama-server's `cache_prompt`) neither
+    # reuses cached KV for this prompt nor keeps this sequence's KV for later requests.
+    cache_prompt: bool = True
 
 
 @dataclass(slots=True)
@@ -98,9 +101,46 @@ TokenLogprob = tuple[bytes, float, tuple[tuple[bytes, float], ...]]
 SeqUpdate = tuple[str, int, str, list[int], str | None, str | None, list[TokenLogprob] | None]
 
 
+@dataclass(slots=True, frozen=True)
+class PromptCacheStats:
+    """One worker's prompt cache: what it holds now, and what it has done since it started."""
+
+    entries: int = 0  # cached sequences in the KV pool (finished ones and pinned prefixes)
+    cells: int = 0  # KV cells they hold; a prefix several of them share counts once
+    hits: int = 0  # requests that started from cached KV
+    tokens_reused: int = 0  # prompt tokens those requests did not prefill
+    window_misses: int = 0  # requests that recomputed a cached prefix whose sliding-window
+    #                         cells were gone
+    evictions: int = 0  # entries dropped from the KV pool (room, the bound, a seq id)
+    host_entries: int = 0  # evicted prefixes kept in host memory
+    host_bytes: int = 0
+    host_saves: int = 0
+    host_restores: int = 0
+
+    def __add__(self, other: PromptCacheStats) -> PromptCacheStats:
+        return PromptCacheStats(*(a + b for a, b in zip(astuple(self), astuple(other),
+                                                        strict=True)))
+
+
+@dataclass(slots=True)
+class CacheReport:
+    """Worker -> front end, with a step's output when the prompt cache changed.
+
+    `cached_tokens`: (request id, prompt tokens taken from the cache) for each request that
+    started this step. `added` / `removed`: prefix block hashes (see prefix_routing) that
+    appeared in / left this worker's cache, for routing requests to the worker that holds them.
+    """
+
+    cached_tokens: list[tuple[str, int]]
+    added: list[int]
+    removed: list[int]
+    stats: PromptCacheStats
+
+
 @dataclass(slots=True)
 class StepOutput:
     """Worker -> front end: what one decode step produced, for every sequence it touched."""
 
     worker_id: int
     updates: list[SeqUpdate] = field(default_factory=list)
+    cache: CacheReport | None = None  # only on steps where the prompt cache changed

@@ -76,6 +76,7 @@ class TrackedRequest:
     started: float | None = None
     num_tokens: int = 0
     open_choices: int = 0  # choices a worker still decodes (each holds a sequence slot)
+    num_cached_tokens: int = 0  # prompt tokens its worker took from the prompt cache
     timer: asyncio.TimerHandle | None = None
 
     @property

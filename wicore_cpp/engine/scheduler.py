@@ -19,10 +19,12 @@ from wicore_cpp.config import Config
 from wicore_cpp.engine.messages import (
     FINISH_CANCELLED,
     FINISH_ERROR,
+    CacheReport,
     CancelRequest,
     GenerateRequest,
     StepOutput,
 )
+from wicore_cpp.engine.prefix_routing import pick_worker
 from wicore_cpp.engine.queue import Priority, PriorityRequestQueue, QueueFull
 from wicore_cpp.engine.request import (
     FINISH_TIMEOUT,
@@ -220,7 +222,9 @@ class Scheduler:
                 if not free:
                     return
                 queue.remove(req.request_id)
-            worker = min(free, key=lambda w: w.num_slots)
+            # The worker whose prompt cache holds the longest prefix of the prompt, if one
+            # of them is free; else the least loaded.
+            worker = pick_worker(free, req.generate.prompt_tokens, lambda w: w.num_slots)
             req.state = RequestState.RUNNING
             req.started = time.monotonic()
             req.worker_id = worker.worker_id
@@ -239,6 +243,8 @@ class Scheduler:
 
     def on_worker_step(self, worker: WorkerHandle, msg: StepOutput) -> None:
         self.counters.step_messages += 1
+        if msg.cache is not None:
+            self._on_cache_report(worker, msg.cache)
         for request_id, index, text, token_ids, finish, error, logprobs in msg.updates:
             req = worker.running.get(request_id)
             if req is None:
@@ -266,6 +272,17 @@ class Scheduler:
                 self._end(req, RequestState.FINISHED, RequestEnded(ended))
         self._dispatch(worker.model_id)
 
+    def _on_cache_report(self, worker: WorkerHandle, report: CacheReport) -> None:
+        worker.cached_prefixes.apply(report.added, report.removed)
+        worker.prompt_cache = report.stats
+        for request_id, n in report.cached_tokens:
+            req = worker.running.get(request_id)
+            if req is not None:
+                req.num_cached_tokens = n
+            if n:
+                self.counters.cache_hits += 1
+                self.counters.cached_tokens += n
+
     def on_worker_lost(self, worker: WorkerHandle) -> None:
         queue = self.queues[worker.model_id].queue
         for req in list(worker.running.values()):
@@ -275,6 +292,7 @@ class Scheduler:
                 # Nothing reached the client yet: run it again elsewhere, keeping its place.
                 req.state = RequestState.QUEUED
                 req.worker_id = None
+                req.num_cached_tokens = 0
                 try:
                     queue.push(req.request_id, req, req.priority, req.arrival)
                     log.warning("request %s requeued after worker %d died",

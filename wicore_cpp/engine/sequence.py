@@ -26,6 +26,7 @@ class Sequence:
         "request_id", "index", "slot", "prompt", "params", "priority", "sampler", "reservation",
         "n_cached", "last_token", "num_generated", "finish_reason", "error", "pending_choices",
         "_decoder", "_held", "_hold", "_out_text", "_out_tokens", "_out_logprobs",
+        "generated",
     )
 
     def __init__(self, request: GenerateRequest, slot: int, sampler, reservation: int,
@@ -53,10 +54,19 @@ class Sequence:
         self._out_tokens: list[int] = []
         self._out_logprobs: list[TokenLogprob] | None = (
             None if self.params.logprobs is None else [])
+        self.generated: list[int] = []  # every accepted token, in order (see kv_tokens)
 
     @property
     def is_prefilling(self) -> bool:
         return self.n_cached < len(self.prompt)
+
+    def kv_tokens(self) -> list[int]:
+        """The tokens its KV cells hold, position by position: the prompt, then each generated
+        token once the next step has decoded it (the last one sampled never has been)."""
+        n_prompt = len(self.prompt)
+        if self.n_cached <= n_prompt:
+            return self.prompt[: self.n_cached]
+        return self.prompt + self.generated[: self.n_cached - n_prompt]
 
     def accept(self, token: int, piece: bytes, is_eog: bool,
                logprob: TokenLogprob | None = None) -> None:
@@ -65,6 +75,7 @@ class Sequence:
         if self.finish_reason is not None:
             return  # finished (stop string, cancelled) while this token was being decoded
         self.last_token = token
+        self.generated.append(token)
         if is_eog:
             self._finish(FINISH_STOP)
             return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from wicore_cpp.engine.messages import PromptCacheStats
 from wicore_cpp.engine.request import RequestState
 
 
@@ -20,6 +21,8 @@ class RequestCounters:
     dispatched: int = 0
     step_messages: int = 0  # StepOutput messages received from workers
     tokens_generated: int = 0
+    cache_hits: int = 0  # requests that started from cached KV
+    cached_tokens: int = 0  # prompt tokens those requests did not prefill
     wait_s: float = 0.0  # summed over dispatched requests
     processing_s: float = 0.0  # summed over completed requests
 
@@ -51,6 +54,7 @@ class WorkerStats:
     visible_devices: str | None  # CUDA_VISIBLE_DEVICES as the worker sees it
     num_running: int
     node: str | None = None  # the Ray node it runs on; None for a local process
+    prompt_cache: PromptCacheStats = PromptCacheStats()
 
 
 @dataclass(slots=True, frozen=True)
@@ -66,6 +70,11 @@ class EngineStats:
     num_running_sequences: int  # decode slots held, cancelled ones until the worker frees them
     queued_by_priority: dict[str, int]  # "low" .. "urgent" -> waiting requests
     workers: list[WorkerStats] = field(default_factory=list)
+
+    @property
+    def prompt_cache(self) -> PromptCacheStats:
+        """The live workers' prompt caches together."""
+        return sum((w.prompt_cache for w in self.workers), PromptCacheStats())
 
     @property
     def queue_length(self) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from wicore_cpp.config import Config, resolve_threads
+from wicore_cpp.config import Config, resolve_host_cache_bytes, resolve_threads
 from wicore_cpp.engine.messages import (
     CancelRequest,
     GenerateRequest,
@@ -78,7 +78,7 @@ def run_worker(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> 
             model,
             n_ctx=spec.n_ctx,
             n_batch=config.prefill_chunk,
-            n_seq_max=config.max_batch_size + config.urgent_slots,
+            n_seq_max=config.num_seq_ids,
             threads=threads,
             flash_attn=config.flash_attn,
         )
@@ -96,9 +96,17 @@ def run_worker(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> 
                     min(n_gpu_layers, model.info.n_layer), load_s,
                     os.environ.get("CUDA_VISIBLE_DEVICES"))
     )
-    batcher = ContinuousBatcher(model, ctx, max_batch_size=config.max_batch_size,
-                                sample_threads=threads,
-                                grammar_budget_s=config.grammar_budget_ms / 1000)
+    batcher = ContinuousBatcher(
+        model, ctx, max_batch_size=config.max_batch_size, sample_threads=threads,
+        grammar_budget_s=config.grammar_budget_ms / 1000,
+        max_running=config.max_batch_size + config.urgent_slots,
+        cache_cells=int(config.prompt_cache_share * ctx.n_ctx),
+        cache_host_bytes=resolve_host_cache_bytes(config),
+    )
+    if batcher.cache.is_enabled:
+        log.info("prompt cache: up to %d cells, %d extra seq ids, sliding window %d, "
+                 "host tier %d MiB", batcher.cache.max_cells, config.prompt_cache_seqs,
+                 model.n_swa, batcher.cache.host_limit >> 20)
     stopping = False
     while not (stopping and batcher.is_idle):
         # Block while idle; otherwise only look at what has arrived since the last step.
@@ -114,8 +122,9 @@ def run_worker(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> 
                 stopping = True
                 batcher.cancel_all()
         updates = batcher.step()
-        if updates:
-            evt_conn.send(StepOutput(spec.worker_id, updates))
+        cache_report = batcher.cache.take_report()
+        if updates or cache_report is not None:
+            evt_conn.send(StepOutput(spec.worker_id, updates, cache_report))
     ctx.close()
     model.close()
     log.info("worker %d stopped", spec.worker_id)

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Protocol
 
 from wicore_cpp.config import Config
-from wicore_cpp.engine.messages import Shutdown, StepOutput, WorkerFailed, WorkerReady
+from wicore_cpp.engine.messages import (
+    PromptCacheStats,
+    Shutdown,
+    StepOutput,
+    WorkerFailed,
+    WorkerReady,
+)
+from wicore_cpp.engine.prefix_routing import CachedPrefixes
 from wicore_cpp.engine.request import TrackedRequest
 from wicore_cpp.engine.stats import WorkerStats
 from wicore_cpp.engine.worker import WorkerSpec, worker_main
@@ -54,6 +61,9 @@ class WorkerHandle:
         self.visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES as the worker sees it
         self.node: str | None = None  # where it runs, when that is not this machine
         self.running: dict[str, TrackedRequest] = {}  # requests holding a decode slot
+        # What its prompt cache holds, as it last reported (gone with the worker).
+        self.cached_prefixes = CachedPrefixes()
+        self.prompt_cache = PromptCacheStats()
 
     @property
     def num_slots(self) -> int:
@@ -96,7 +106,8 @@ class WorkerHandle:
 
     def stats(self) -> WorkerStats:
         return WorkerStats(self.worker_id, self.model_id, self.pid, self.is_ready, self.gpu_id,
-                           self.gpu_offload, self.visible_devices, self.num_slots, self.node)
+                           self.gpu_offload, self.visible_devices, self.num_slots, self.node,
+                           self.prompt_cache)
 
 
 class ProcessWorker(WorkerHandle):

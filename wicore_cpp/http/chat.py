@@ -119,7 +119,8 @@ async def _complete(chat: ChatCompletionRequest, gen: Generation,
                 c.logprobs if chat.logprobs else None,
                 c.token_ids if chat.return_token_ids else None))
         body = chat_completion(gen.request_id, int(time.time()), gen.model_id, body_choices,
-                               gen.num_prompt_tokens, sum(len(c.token_ids) for c in choices))
+                               gen.num_prompt_tokens, sum(len(c.token_ids) for c in choices),
+                               gen.num_cached_tokens)
         return json_response(body, headers=request_id_header(gen))
     raise AssertionError("a generation always ends with RequestEnded")
 
@@ -155,7 +156,8 @@ async def _stream(request: web.Request, chat: ChatCompletionRequest, gen: Genera
                         await _end_choice(response, enc, c, event.finish_reason)
             if chat.include_usage:
                 await response.write(enc.usage(gen.num_prompt_tokens,
-                                               sum(len(c.token_ids) for c in choices)))
+                                               sum(len(c.token_ids) for c in choices),
+                                               gen.num_cached_tokens))
             await response.write(ChunkEncoder.DONE)
     except (ConnectionResetError, ConnectionError):
         # The lifecycle aborts the request as the handler leaves.

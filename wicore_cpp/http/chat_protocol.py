@@ -237,7 +237,7 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
 
 def chat_completion(
     request_id: str, created: int, model: str, choices: list[dict], prompt_tokens: int,
-    completion_tokens: int,
+    completion_tokens: int, cached_tokens: int = 0,
 ) -> dict:
     return {
         "id": request_id,
@@ -245,7 +245,7 @@ def chat_completion(
         "created": created,
         "model": model,
         "choices": choices,
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }
 
 

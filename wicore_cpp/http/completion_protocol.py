@@ -58,12 +58,12 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
 
 
 def text_completion(request_id: str, created: int, model: str, choices: list[dict],
-                    prompt_tokens: int, completion_tokens: int) -> dict:
+                    prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {
         "id": request_id,
         "object": "text_completion",
         "created": created,
         "model": model,
         "choices": choices,
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }

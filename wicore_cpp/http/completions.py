@@ -85,7 +85,8 @@ async def _complete(req: CompletionRequest, gen: Generation, echo: str) -> web.R
             completion_logprobs(logprobs[i], len(echo)) if req.logprobs is not None else None,
             ids[i] if req.return_token_ids else None) for i in range(n)]
         body = text_completion(gen.request_id, int(time.time()), gen.model_id, choices,
-                               gen.num_prompt_tokens, sum(len(x) for x in ids))
+                               gen.num_prompt_tokens, sum(len(x) for x in ids),
+                               gen.num_cached_tokens)
         return json_response(body, headers=request_id_header(gen))
     raise AssertionError("a generation always ends with RequestEnded")
 
@@ -130,7 +131,8 @@ async def _stream(request: web.Request, req: CompletionRequest, gen: Generation,
                         await response.write(enc.event([_choice(i, "", event.finish_reason,
                                                                 None, None)]))
             if req.include_usage:
-                await response.write(enc.usage(gen.num_prompt_tokens, num_tokens))
+                await response.write(enc.usage(gen.num_prompt_tokens, num_tokens,
+                                               gen.num_cached_tokens))
             await response.write(ChunkEncoder.DONE)
     except (ConnectionResetError, ConnectionError):
         log.info("client went away from stream %s", gen.request_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from wicore_cpp import ENGINE_NAME, __version__
-from wicore_cpp.engine.client import EngineHealth, EngineStats, WorkerStats
+from wicore_cpp.engine.client import EngineHealth, EngineStats, PromptCacheStats, WorkerStats
 from wicore_cpp.errors import ServiceUnavailable
 from wicore_cpp.http.openapi import documented
 from wicore_cpp.http.protocol import json_response
@@ -129,6 +129,8 @@ def _metrics(s: EngineStats) -> dict:
         "mean_wait_s": s.mean_wait_s,
         "tokens_generated": c.tokens_generated,
         "worker_messages": c.step_messages,
+        "prompt_cache": {"hits": c.cache_hits, "cached_tokens": c.cached_tokens,
+                         **_prompt_cache(s.prompt_cache)},
         "workers": [_worker(w) for w in s.workers],
         "uptime_s": round(s.uptime_s, 3),
         "error_count": s.error_count,
@@ -148,4 +150,22 @@ def _worker(w: WorkerStats) -> dict:
         "cuda_visible_devices": w.visible_devices,
         "running": w.num_running,
         "node": w.node,
+        "prompt_cache": {"hits": w.prompt_cache.hits,
+                         "cached_tokens": w.prompt_cache.tokens_reused,
+                         **_prompt_cache(w.prompt_cache)},
+    }
+
+
+def _prompt_cache(p: PromptCacheStats) -> dict:
+    """What a prompt cache holds and has done (the hit counts of the engine as a whole come
+    from the requests, so they outlive a worker)."""
+    return {
+        "entries": p.entries,
+        "cells": p.cells,
+        "evictions": p.evictions,
+        "window_misses": p.window_misses,
+        "host_entries": p.host_entries,
+        "host_bytes": p.host_bytes,
+        "host_saves": p.host_saves,
+        "host_restores": p.host_restores,
     }

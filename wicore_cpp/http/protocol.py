@@ -89,6 +89,8 @@ class SamplingFields(BaseModel):
     user: str | None = None
     # Beyond OpenAI: the generated token ids in the response, for debugging and tests.
     return_token_ids: bool = False
+    # llama-server's name: false neither reuses cached KV nor leaves this prompt's KV cached.
+    cache_prompt: bool = True
 
     @field_validator("stop")
     @classmethod
@@ -151,6 +153,7 @@ class SamplingFields(BaseModel):
             stop=self.stop_sequences,
             n=self.n,
             logprobs=logprobs,
+            cache_prompt=self.cache_prompt,
         )
 
 
@@ -203,11 +206,12 @@ def json_response(
                         headers=headers)
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -294,8 +298,8 @@ class ChunkEncoder:
     def finish(self, reason: str, index: int = 0) -> bytes:
         return self.event([{"index": index, "delta": {}, "finish_reason": reason}])
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
-        return self.event([], usage=usage(prompt_tokens, completion_tokens))
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> bytes:
+        return self.event([], usage=usage(prompt_tokens, completion_tokens, cached_tokens))
 
     @staticmethod
     def error(payload: dict) -> bytes:
