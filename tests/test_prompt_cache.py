@@ -79,7 +79,7 @@ class Harness:
         return rid
 
     def step(self) -> None:
-        for rid, _, ids, finish, error in self.batcher.step():
+        for rid, _choice, _, ids, finish, error, _logprobs in self.batcher.step():
             self.tokens[rid].extend(ids)
             if finish is not None:
                 self.finish[rid] = (finish, error)
@@ -186,6 +186,33 @@ def test_concurrent_requests_with_the_cache_get_the_tokens_they_get_alone(model,
     for rid, prompt in zip(rids, prompts, strict=True):
         assert cached.tokens[rid] == plain.run(prompt)
     assert cached.cache.stats().hits >= 5
+
+
+def test_choices_of_a_request_start_from_a_cached_prefix_and_are_cached(model, harness):
+    """A request with n choices reuses the cached prompt once, fans out from there, and each
+    choice is cached when it ends (the same prompt again finds them)."""
+    plain, cached = harness(model, cache=False), harness(model)
+    prompt = user_turn(model, [], text(15, 80))
+    cached.run(prompt)
+
+    def choices(h: Harness) -> list[list[int]]:
+        h._n += 1
+        rid = f"n{h._n}"
+        h.batcher.submit(GenerateRequest(
+            rid, prompt, SamplingParams(max_tokens=12, temperature=0.8, seed=5, n=3)))
+        got: dict[int, list[int]] = {0: [], 1: [], 2: []}
+        while not h.batcher.is_idle:
+            for update in h.batcher.step():
+                got[update[1]] += update[3]
+            report = h.cache.take_report()
+            if report is not None:
+                h.cached.update(report.cached_tokens)
+        return [got[i] for i in range(3)]
+
+    assert choices(cached) == choices(plain)
+    assert cached.cached["n2"] == len(prompt) - 1
+    assert sum(1 for e in cached.cache._entries.values() if not e.is_pin) >= 3
+    assert cached.batcher._reserved == 0
 
 
 def test_cache_prompt_false_neither_reuses_nor_keeps(model, harness):
