@@ -176,6 +176,25 @@ def test_conversations_sharing_a_system_prompt(model, harness):
     assert any(e.is_pin and len(e.tokens) == shared for e in cached.cache._entries.values())
 
 
+def test_requests_arriving_together_compute_their_shared_prefix_once(model, harness):
+    """Requests with one system prompt submitted at once: the first computes it, the others
+    wait for it (an unrelated request behind them does not) and start from its pin."""
+    plain = harness(model, cache=False)
+    cached = harness(model, n_batch=64)
+    system = text(16, 150)
+    prompts = [user_turn(model, [], f"{system}\n\n{text(90 + i, 10)}") for i in range(3)]
+    other = user_turn(model, [], text(95, 40))
+    rids = [cached.submit(p) for p in [*prompts, other]]
+    cached.step()
+    assert cached.batcher.num_active == 2  # the first and the unrelated one
+    cached.drain()
+    shared = common_prefix(prompts[0], prompts[1], len(prompts[0]))
+    assert shared > 140
+    assert [cached.cached[r] for r in rids] == [0, shared, shared, 0]
+    for rid, p in zip(rids, [*prompts, other], strict=True):
+        assert cached.tokens[rid] == plain.run(p)
+
+
 def test_concurrent_requests_with_the_cache_get_the_tokens_they_get_alone(model, harness):
     plain, cached = harness(model, cache=False), harness(model)
     system = text(4, 90)

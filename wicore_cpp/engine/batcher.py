@@ -99,7 +99,11 @@ class ContinuousBatcher:
         # A request is admitted only when its whole prompt + completions fit in the KV pool
         # beside the others, so a decode never runs out of cells halfway through a stream.
         # Its choices share the prompt's cells; cached prefixes give way to it, and it starts
-        # after the longest one it can use.
+        # after the longest one it can use. One that shares a long beginning with a prompt
+        # being prefilled waits for that prefix rather than compute it too, and lets the
+        # requests behind it go first (never while a sequence is paused for an urgent one).
+        waiting: list[GenerateRequest] = []
+        can_wait = self._num_sequences() < self.max_batch_size
         while self._pending and self._num_sequences() < self.max_running:
             req = self._pending[0]
             n = req.params.n
@@ -109,6 +113,9 @@ class ContinuousBatcher:
                 self._end_unstarted(req, FINISH_ERROR,
                                     f"prompt + max_tokens ({need}) exceeds the KV cache "
                                     f"({self.ctx.n_ctx} tokens)")
+                continue
+            if can_wait and self.cache.wait_for(req.prompt_tokens, req.params.cache_prompt):
+                waiting.append(self._pending.popleft())
                 continue
             if (self._reserved + need > self.ctx.n_ctx
                     or self._num_sequences() + n > self.max_running):
@@ -132,8 +139,10 @@ class ContinuousBatcher:
             seq = Sequence(req, slot, samplers[0], need)
             seq.n_cached = n_cached
             seq.pending_choices = list(zip(choice_slots, samplers[1:], strict=True))
+            self.cache.bind(slot, seq)
             self._active[(req.request_id, 0)] = seq
             self._reserved += need
+        self._pending.extendleft(reversed(waiting))
 
     def step(self) -> list[SeqUpdate]:
         """Admit, decode one batch, sample, and return every sequence's news."""

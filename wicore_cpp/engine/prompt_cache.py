@@ -44,6 +44,7 @@ the cells, recomputing costs a forward pass over every token (see the README for
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 from collections import Counter, deque
@@ -140,6 +141,8 @@ class _Running:
     # The sliding-window cells it shares (span, first position, end): they stay taken while
     # another sequence holds them too, even once the window has moved past them.
     swa_shared: list[tuple[Span, int, int]]
+    is_cached: bool = False  # it uses the cache (its prefixes may be pinned)
+    seq: Any = None  # the batcher's Sequence (`n_cached`, `finish_reason`), once bound
 
 
 @dataclass(slots=True)
@@ -236,7 +239,8 @@ class PromptCache:
             for at in sorted({plan.branch_at, len(prompt) - 1}):
                 if at >= MIN_PIN_TOKENS and at not in ends:
                     pins.append(at)
-        self._running[slot] = _Running(prompt, borrowed, Span(own_start), pins, swa_shared)
+        self._running[slot] = _Running(prompt, borrowed, Span(own_start), pins, swa_shared,
+                                       cached)
         if n:
             self._hits += 1
             self._tokens_reused += n
@@ -245,6 +249,45 @@ class PromptCache:
             self._changed = True
             self._pin_reached(slot, n)
         return slot, n
+
+    def bind(self, slot: int, seq: Any) -> None:
+        """The running sequence in `slot` (its progress tells when a prefix can be pinned)."""
+        r = self._running.get(slot)
+        if r is not None:
+            r.seq = seq
+
+    def wait_for(self, prompt: list[int], use_cache: bool = True) -> bool:
+        """Whether a new request should wait for a running sequence to compute a prefix their
+        prompts share (many requests with one system prompt arriving together).
+
+        That sequence is then pinned where the prompts part, and the request starts from the
+        pin once it exists, rather than compute the same prefix beside it. True: let it wait
+        (the requests behind it may go first); False: place it now. A running sequence that
+        has already passed that point is pinned at once, if its window cells are still there.
+        """
+        if not (self.is_enabled and use_cache):
+            return False
+        limit = len(prompt) - 1
+        source, at = None, 0
+        for slot, r in self._running.items():
+            if not r.is_cached or r.seq is None or r.seq.finish_reason is not None:
+                continue
+            c = common_prefix(r.prompt, prompt, limit)
+            if c > at:
+                source, at = slot, c
+        if source is None or at < MIN_PIN_TOKENS:
+            return False
+        if any(common_prefix(e.tokens, prompt, limit) >= at for e in self._entries.values()):
+            return False  # cached already
+        r = self._running[source]
+        if at not in r.pins:
+            bisect.insort(r.pins, at)
+        n = r.seq.n_cached
+        if n >= at:
+            self._pin_reached(source, n)
+            return False
+        self._awaiting.add(source)
+        return True
 
     def _lookup(self, prompt: list[int]) -> _Plan:
         """The longest usable cached prefix of `prompt`, and the boundaries worth pinning."""
