@@ -9,7 +9,7 @@ BENCH_MODEL := models/bench-gemma3-q8_0.gguf
 LLAMA_PIN := llama-cpp-python==0.3.36
 
 .PHONY: serve test bench bench-ray install install-test install-bench install-ray install-cuda \
-	demo-model clean
+	demo-model clean systemd-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,8 +47,18 @@ demo-model: $(DEMO)
 serve: $(VENV)/.installed $(DEMO)
 	$(BIN)/wicore serve --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.installed-test $(DEMO)
+test: $(VENV)/.installed-test $(DEMO) systemd-tools
 	$(BIN)/python -m pytest
+
+# tests/test_deploy.py checks deploy/wicore-engine.service with systemd-analyze. Install it
+# where we may (root with apt-get); elsewhere that test is skipped and says why.
+systemd-tools:
+	@command -v systemd-analyze >/dev/null 2>&1 \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	       && apt-get update -qq && apt-get install -y -qq --no-install-recommends systemd \
+	          >/dev/null; } \
+	  || echo "systemd-analyze is not installed and cannot be installed here:" \
+	          "tests/test_deploy.py will skip its unit-file check"
 
 $(BENCH_MODEL): tools/make_model.py | $(VENV)/.installed
 	$(BIN)/python tools/make_model.py --preset bench --out $@

@@ -7,27 +7,18 @@ import logging
 import os
 import signal
 import socket
-import sys
 
 from aiohttp import web
 
-from wicore_cpp.config import Config
+from wicore_cpp.config import Config, ConfigError
 from wicore_cpp.errors import ModelFileError
 from wicore_cpp.gguf_file import GGUFFile, check_model_file
 from wicore_cpp.http.app import create_app
 from wicore_cpp.http.connections import ConnectionLimits, GuardedAppRunner
+from wicore_cpp.http.state import STATE
+from wicore_cpp.logs import LogSettings, configure_logging
 
 log = logging.getLogger("wicore")
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # One line per request is aiohttp's access log; keep it unless debugging is off.
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
 def check_models(config: Config) -> dict[str, GGUFFile]:
@@ -47,7 +38,7 @@ def _has_ray() -> bool:
 
 
 def run_server(config: Config) -> int:
-    configure_logging(config.log_level)
+    configure_logging(LogSettings.from_config(config))
     if config.ray_address is not None and not _has_ray():
         log.error("cannot start: ray_address is set but Ray is not installed; install the "
                   "`ray` extra: pip install 'wicore-cpp[ray]'")
@@ -115,7 +106,11 @@ async def _serve(config: Config, models: dict[str, GGUFFile]) -> int:
             _exit_now(signame)
         stop.set()
 
-    app = create_app(config, models, on_fatal)
+    try:
+        app = create_app(config, models, on_fatal)
+    except ConfigError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
     runner = GuardedAppRunner(
         app,
         ConnectionLimits.from_config(config),
@@ -131,6 +126,7 @@ async def _serve(config: Config, models: dict[str, GGUFFile]) -> int:
         await web.SockSite(runner, sock).start()
         log.info("listening on http://%s:%d (pid %d)", config.host, runner.addresses[0][1],
                  os.getpid())
+        _log_what_is_served(app)
         await stop.wait()
         log.info("shutting down: draining for up to %gs", config.shutdown_grace_s)
     finally:
@@ -139,3 +135,34 @@ async def _serve(config: Config, models: dict[str, GGUFFile]) -> int:
         sock.close()
     log.info("server stopped")
     return exit_code
+
+
+def _log_what_is_served(app: web.Application) -> None:
+    """Start-up, in a few lines: each model's limits, who may call, what is logged."""
+    state = app[STATE]
+    config = state.config
+    for model in state.engine.models.values():
+        log.info("model %s: up to %d tokens per request (prompt + completion); %d worker(s) of "
+                 "%d sequences; default max_tokens %d", model.model_id, model.context_length,
+                 config.workers, config.max_batch_size, config.default_max_tokens)
+    if state.keys is None:
+        limits = _limit_text(config.rate_limit_per_minute,
+                             config.rate_limit_tokens_per_minute, "client address")
+        log.info("API keys: off (anyone who can reach the port may call, at any priority); "
+                 "%s", limits)
+    else:
+        log.info("API keys: %d from %s; quota use in %s; /status and /metrics %s",
+                 len(state.keys), config.api_keys, state.limits.usage.path
+                 if state.limits.usage else "-",
+                 "for admin keys only" if config.admin_only_monitoring else "open")
+    if config.cors_origins:
+        log.info("CORS: browsers may call from %s", ", ".join(config.cors_origins))
+    log.info("metrics: GET /metrics (Prometheus); request log %s, performance log %s",
+             "on" if config.log_requests else "off",
+             f"every {config.performance_log_interval_s:g}s" if config.log_performance else "off")
+
+
+def _limit_text(requests: int, tokens: int, per: str) -> str:
+    parts = [f"{requests} requests a minute" if requests else "no request limit",
+             f"{tokens} tokens a minute" if tokens else "no token limit"]
+    return " and ".join(parts) + f" per {per}"

@@ -26,6 +26,7 @@ from wicore_cpp.engine.messages import (
     WorkerFailed,
     WorkerReady,
 )
+from wicore_cpp.logs import LogSettings, configure_logging
 
 log = logging.getLogger("wicore.worker")
 
@@ -50,10 +51,7 @@ def worker_main(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) ->
     if spec.gpu_id is not None:
         # Before llama_cpp is imported: CUDA reads it once, at initialisation.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(spec.gpu_id)
-    logging.basicConfig(
-        level=spec.config.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s worker-{spec.worker_id} %(name)s: %(message)s",
-    )
+    configure_logging(LogSettings.from_config(spec.config), f"worker-{spec.worker_id}")
     try:
         run_worker(spec, cmd_conn, evt_conn)
     except (EOFError, BrokenPipeError, ConnectionResetError):
