@@ -584,7 +584,8 @@ class FairnessConfig:
 
 async def run_fairness(cfg: FairnessConfig) -> dict[str, Any]:
     """The issue's measurement: a key sending one request a second keeps its TTFT near its
-    idle value while another key sends `flood_requests` at once (same priority)."""
+    idle value while another key sends `flood_requests` at once (same priority). Give both
+    flags the same key for the baseline: one tenant, first come first served."""
 
     async def probes(session: aiohttp.ClientSession, t0: float, first: int) -> list[float | None]:
         out: list[float | None] = []
@@ -604,8 +605,10 @@ async def run_fairness(cfg: FairnessConfig) -> dict[str, Any]:
                              api_key=cfg.polite_key)
         t0 = time.perf_counter()
         idle = await probes(session, t0, 2000)
+        # Lengths vary around max_tokens (see staggered()): slots free one by one, as in use.
         flood = [asyncio.create_task(stream_request(
-            session, cfg.url, chat_body(cfg.model, 3000 + i, cfg.max_tokens, None, None, False),
+            session, cfg.url,
+            chat_body(cfg.model, 3000 + i, staggered(cfg.max_tokens, i), None, None, False),
             3000 + i, cfg.timeout_s, t0, api_key=cfg.flood_key))
             for i in range(cfg.flood_requests)]
         await asyncio.sleep(0.5)  # the flood is queued
