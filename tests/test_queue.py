@@ -460,7 +460,10 @@ def test_random_operations_with_tenants_keep_every_request_and_the_counts(seed):
                    rng.choice(["a", "b", "c", None]))
             waiting[f"r{i}"] = level
         elif op < 0.7:
-            item = q.pop() if rng.random() < 0.8 else q.pop_level(Priority.URGENT)
+            level = None if rng.random() < 0.8 else Priority.URGENT
+            peeked = q.peek(level)  # what the scheduler looks at before it takes
+            item = q.pop() if level is None else q.pop_level(level)
+            assert item == peeked
             if item is not None:
                 popped.append(item)
                 del waiting[item]

@@ -163,22 +163,19 @@ class PriorityRequestQueue(Generic[T]):
 
     def pop(self) -> T | None:
         """The request for the place with the highest effective priority, or None when empty."""
-        best: Priority | None = None
-        best_place: _Place | None = None
-        for level in Priority:
-            place = self._levels[level].head()
-            if place is not None and (best_place is None or place < best_place):
-                best, best_place = level, place
+        best = self._best_level()
         return None if best is None else self._take(best)
 
     def peek(self, level: Priority | None = None) -> T | None:
         """What `pop()` (or `pop_level(level)`) would return, left in the queue."""
-        if level is not None:
-            entries = [e for e in self._by_id.values() if e.level is level]
-            return min(entries).item if entries else None
-        while self._heap and self._heap[0].removed:
-            heapq.heappop(self._heap)
-        return self._heap[0].item if self._heap else None
+        if level is None:
+            level = self._best_level()
+            if level is None:
+                return None
+        line = self._levels[level]
+        if not line.num_waiting:
+            return None
+        return line.oldest(self._fair_tenant(line)).item
 
     def pop_level(self, level: Priority) -> T | None:
         """The next request of exactly `level`, whatever waits ahead of it (urgent slots)."""
@@ -213,14 +210,28 @@ class PriorityRequestQueue(Generic[T]):
         """Waiting requests per requested level (before aging)."""
         return {level: sum(self._levels[level].num_waiting.values()) for level in Priority}
 
+    def _best_level(self) -> Priority | None:
+        """The level whose first place has the highest effective priority."""
+        best: Priority | None = None
+        best_place: _Place | None = None
+        for level in Priority:
+            place = self._levels[level].head()
+            if place is not None and (best_place is None or place < best_place):
+                best, best_place = level, place
+        return best
+
+    def _fair_tenant(self, line: _Level[T]) -> Tenant:
+        """Whose turn it is at `line`: least served, then longest since its last turn."""
+        return min(line.num_waiting, key=lambda t: (
+            self._served.get(t, 0), self._last_turn.get(t, -1), line.oldest(t)))
+
     def _take(self, level: Priority) -> T:
         line = self._levels[level]
         place = line.head()
         assert place is not None  # places and waiting requests of a level are as many
         heapq.heappop(line.places)
         place.is_free = True
-        tenant = min(line.num_waiting, key=lambda t: (
-            self._served.get(t, 0), self._last_turn.get(t, -1), line.oldest(t)))
+        tenant = self._fair_tenant(line)
         entry = line.oldest(tenant)
         heapq.heappop(line.waiting[tenant])
         entry.removed = True
