@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from wicore_cpp.errors import ModelFileError
 
@@ -32,6 +40,9 @@ LOGGING_SECTION = {
     "format": "log_format",
     "llama_level": "llama_log_level",
 }
+# The KV pool a worker gets when ctx_size is left to the start-up fit and memory allows it.
+DEFAULT_CTX_SIZE = 32768
+GiB = 1 << 30
 
 
 def resolve_threads(threads: int) -> int:
@@ -69,11 +80,28 @@ class Config(BaseModel):
         description="GPU per worker, round-robin (CUDA_VISIBLE_DEVICES); empty: all visible.",
     )
     n_gpu_layers: int = Field(
-        -1, ge=-1, description="Layers offloaded to the GPU; -1: all when the build can offload."
+        -1, ge=-1, description="Layers offloaded to the GPU; -1: all when the build can offload. "
+        "Left unset, fewer are offloaded when nothing else makes the model fit.",
     )
     ctx_size: int = Field(
         0, ge=0, description="KV cache pool in tokens, shared by all of a worker's sequences; "
-        "0: 32768.",
+        "0: fitted at start-up, the largest up to 32768 that fits the free memory.",
+    )
+    ctx_size_min: int = Field(
+        4096, ge=256, description="The smallest ctx_size the start-up fit may choose; below it, "
+        "fewer sequences (an unset max_batch_size), then fewer offloaded layers.",
+    )
+    kv_cache_type: Literal["f16", "q8_0", "q4_0"] = Field(
+        "f16", description="KV cache type: f16, q8_0 (half the memory of f16) or q4_0 (under a "
+        "third); quantized types need flash attention (auto turns it on).",
+    )
+    memory_margin: ByteSize = Field(
+        ByteSize(GiB), description="Memory the start-up fit leaves free on each device, "
+        "e.g. 1GiB or 512MiB.",
+    )
+    memory_budget: ByteSize | None = Field(
+        None, description="Plan for this much memory on each device the model uses instead of "
+        "the free memory detected, e.g. 24GiB.",
     )
     threads: int = Field(0, ge=0, description="CPU threads per worker; 0: physical cores.")
     flash_attn: Literal["auto", "on", "off"] = Field(
@@ -201,7 +229,17 @@ class Config(BaseModel):
                              "its GPU (see ray_resources)")
         if any(amount <= 0 for amount in self.ray_resources.values()):
             raise ValueError("ray_resources amounts must be positive")
+        if self.kv_cache_type != "f16" and self.flash_attn == "off":
+            # llama.cpp stores a quantized V cache only with flash attention (it refuses the
+            # context otherwise); K and V share one setting here.
+            raise ValueError(f"kv_cache_type {self.kv_cache_type} needs flash attention: "
+                             "set flash_attn to auto or on, or kv_cache_type to f16")
         return self
+
+    def is_set(self, name: str) -> bool:
+        """Whether a setting was given (file, environment or flag) rather than defaulted; the
+        start-up fit changes only settings that were not."""
+        return name in self.model_fields_set
 
     def served_models(self) -> tuple[dict[str, Path], str | None]:
         """Model ids to serve and their files, plus a note when the demo stands in for Gemma.

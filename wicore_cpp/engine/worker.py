@@ -79,14 +79,16 @@ def run_worker(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> 
             n_seq_max=config.max_batch_size + config.urgent_slots,
             threads=threads,
             flash_attn=config.flash_attn,
+            kv_cache_type=config.kv_cache_type,
         )
     except BackendError as exc:
         evt_conn.send(WorkerFailed(spec.worker_id, str(exc)))
         return
     load_s = time.monotonic() - started
     log.info(
-        "loaded %s in %.1fs (n_ctx=%d, batch=%d, gpu offload=%s, layers=%s)",
-        spec.model_path.name, load_s, ctx.n_ctx, config.max_batch_size, offload,
+        "loaded %s in %.1fs (n_ctx=%d, batch=%d, kv cache %s, gpu offload=%s, layers=%s)",
+        spec.model_path.name, load_s, ctx.n_ctx, config.max_batch_size, config.kv_cache_type,
+        offload,
         min(n_gpu_layers, model.info.n_layer) if offload else 0,
     )
     evt_conn.send(
