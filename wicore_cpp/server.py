@@ -1,4 +1,5 @@
-"""`wicore serve`: check the model files, then run the HTTP server until SIGTERM or Ctrl-C."""
+"""`wicore serve`: check the model files, plan memory, then run the HTTP server until SIGTERM
+or Ctrl-C. `wicore serve --dry-run` stops after the plan and prints it."""
 
 from __future__ import annotations
 
@@ -7,16 +8,29 @@ import logging
 import os
 import signal
 import socket
+import sys
 
+import orjson
 from aiohttp import web
 
 from wicore_cpp.config import Config, ConfigError
+from wicore_cpp.engine.memory_plan import (
+    FitResult,
+    describe,
+    fitted_config,
+    gib,
+    plan_for_config,
+)
 from wicore_cpp.errors import ModelFileError
 from wicore_cpp.gguf_file import GGUFFile, check_model_file
 from wicore_cpp.http.app import create_app
 from wicore_cpp.http.connections import ConnectionLimits, GuardedAppRunner
 from wicore_cpp.http.state import STATE
 from wicore_cpp.logs import LogSettings, configure_logging
+
+# Exit codes: 1 a failure (a bad model file, a port in use, workers that cannot load),
+# 2 a configuration that cannot work (invalid settings, explicit settings that do not fit).
+EXIT_FAILURE, EXIT_CONFIG = 1, 2
 
 log = logging.getLogger("wicore")
 
@@ -37,6 +51,14 @@ def _has_ray() -> bool:
     return True
 
 
+def plan_memory(config: Config, models: dict[str, GGUFFile]) -> FitResult:
+    """The memory plan, with llama.cpp's figures from a helper process (see memory_probe)."""
+    from wicore_cpp.engine.memory_probe import MemoryProbe
+
+    with MemoryProbe() as probe:
+        return plan_for_config(config, models, probe)
+
+
 def run_server(config: Config) -> int:
     configure_logging(LogSettings.from_config(config))
     if config.ray_address is not None and not _has_ray():
@@ -47,12 +69,54 @@ def run_server(config: Config) -> int:
         models = check_models(config)
     except ModelFileError as exc:
         log.error("cannot start: %s", exc)
-        return 1
+        return EXIT_FAILURE
     for model_id, m in models.items():
         log.info("serving %s from %s (%s, %.1f MiB, trained context %d)", model_id, m.path,
                  m.architecture, m.size_bytes / 2**20, m.context_length)
+    try:
+        result = plan_memory(config, models)
+    except ValueError as exc:  # a setting the plan cannot use (gpu_ids naming no GPU)
+        log.error("cannot start: %s", exc)
+        return EXIT_CONFIG
+    except RuntimeError as exc:  # llama.cpp itself does not start
+        log.error("cannot start: the memory plan failed: %s", exc)
+        return EXIT_FAILURE
+    for step in result.steps:
+        log.info("memory fit: %s", step.describe())
+    if not result.fits:
+        log.error("cannot start: %s", result.problem)
+        return EXIT_CONFIG
+    plan = result.plan
+    log.info("memory plan: %s", "; ".join(
+        f"{p.name} {gib(plan.usage[p.name].total)} of {gib(plan.usable(p))} usable"
+        for p in plan.pools if plan.usage[p.name].total))
+    return asyncio.run(_serve(fitted_config(config, result), models))
 
-    return asyncio.run(_serve(config, models))
+
+def dry_run(config: Config, as_json: bool) -> int:
+    """`wicore serve --dry-run`: print the plan (text or JSON) on stdout and exit: 0 when it
+    fits, 2 when it does not, 1 when a model file is bad."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        models = check_models(config)
+        result = plan_memory(config, models)
+    except (ModelFileError, RuntimeError) as exc:
+        print(f"wicore serve: {exc}", file=sys.stderr)  # noqa: T201 - CLI output
+        return EXIT_FAILURE
+    except ValueError as exc:
+        print(f"wicore serve: {exc}", file=sys.stderr)  # noqa: T201 - CLI output
+        return EXIT_CONFIG
+    if as_json:
+        out = {**result.plan.as_dict(), "fits": result.fits, "problem": result.problem,
+               "fit_steps": [{"setting": st.setting, "from": st.before, "to": st.after,
+                              "device": st.pool, "need_before_bytes": st.need_before,
+                              "need_after_bytes": st.need_after, "usable_bytes": st.usable}
+                             for st in result.steps]}
+        sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        sys.stdout.write("\n".join(describe(result)) + "\n")
+    return 0 if result.fits else EXIT_CONFIG
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
