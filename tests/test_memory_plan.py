@@ -33,7 +33,7 @@ from wicore_cpp.engine.memory_plan import (
     make_plan,
     settings_from_config,
 )
-from wicore_cpp.engine.memory_probe import MemoryProbe, parse_log
+from wicore_cpp.engine.memory_probe import MemoryProbe
 from wicore_cpp.gguf_file import read_gguf
 
 
@@ -252,6 +252,55 @@ def test_repacking_follows_the_cpu(g27):
     assert avx2.repacked == plain.weights - avx2.weights
 
 
+def test_devices_workers_and_what_counts_as_set(g27):
+    """The pools a Config plans for (a budget replaces the free memory of each GPU, or of the
+    host without one), the GPUs each worker sees (gpu_ids round-robin), and which settings the
+    fit may change."""
+    from wicore_cpp.engine.memory_plan import (
+        DeviceInfo,
+        HostReport,
+        fitted_config,
+        fixed_settings,
+        loads_for,
+        pools_for,
+    )
+
+    cards = (DeviceInfo("CUDA0", "RTX 4090", "gpu", 23 * GiB, 24 * GiB),
+             DeviceInfo("CUDA1", "RTX 4090", "gpu", 22 * GiB, 24 * GiB))
+    host = HostReport(True, cards, CpuFeatures(avx2=True), 100 * GiB, 128 * GiB)
+    config = load_config(environ={}, flags={"workers": 3, "gpu_ids": "[1, 0]"})
+    pools = pools_for(config, host)
+    assert [(p.name, p.free) for p in pools] == [(HOST, 100 * GiB), ("CUDA0", 23 * GiB),
+                                                ("CUDA1", 22 * GiB)]
+    shape = ModelShape.from_gguf(read_gguf(g27["Q4_K_M"]))
+    (load,) = loads_for(config, {"m": shape}, pools)
+    assert load.worker_gpus == (("CUDA1",), ("CUDA0",), ("CUDA1",))
+    plan = make_plan((load,), DEFAULTS, pools, GiB, host.cpu, None)
+    assert plan.usage["CUDA1"].weights == 2 * plan.usage["CUDA0"].weights == 2 * (
+        shape.weight_bytes)
+    assert plan.usage[HOST].weights == 3 * next(
+        t.n_bytes for t in shape.tensors if t.name == "token_embd.weight")
+
+    budget = load_config(environ={"WICORE_MEMORY_BUDGET": "30GiB"}, flags={})
+    assert [p.free for p in pools_for(budget, host)] == [100 * GiB, 30 * GiB, 30 * GiB]
+    cpu_only = replace(host, gpu_offload=False)
+    assert [(p.name, p.free, p.source) for p in pools_for(budget, cpu_only)] == [
+        (HOST, 30 * GiB, "--memory-budget")]
+    shared = loads_for(load_config(environ={}, flags={}), {"m": shape}, pools)
+    assert shared[0].worker_gpus == (("CUDA0", "CUDA1"),)  # no gpu_ids: every GPU, split
+    with pytest.raises(ValueError, match="gpu_ids names GPU 2"):
+        loads_for(load_config(environ={}, flags={"gpu_ids": "[2]"}), {"m": shape}, pools)
+
+    assert fixed_settings(load_config(environ={}, flags={})) == ()
+    assert fixed_settings(load_config(environ={"WICORE_MAX_BATCH_SIZE": "16"},
+                                      flags={"ctx_size": 8192, "n_gpu_layers": -1})) == (
+        "ctx_size", "max_batch_size", "n_gpu_layers")
+    fitted = _gpu_plan(shape, 24, DEFAULTS)
+    config = fitted_config(load_config(environ={}, flags={}), fitted)
+    assert config.ctx_size == fitted.plan.settings.ctx_size < 32768
+    assert (config.max_batch_size, config.n_gpu_layers) == (16, -1)
+
+
 # -- wicore serve --dry-run --------------------------------------------------------------------
 
 
@@ -282,37 +331,39 @@ def test_budget_of_64gib_keeps_the_defaults(g27):
     assert (need["kv_full"], need["kv_swa"]) == (2560 * MiB, 7280 * MiB)
 
 
-def test_explicit_context_that_does_not_fit_exits_2_with_the_numbers(g27):
-    out = dry_run("--model", str(g27["Q4_K_M"]), "--memory-budget", "20GiB",
-                  "--ctx-size", "131072")
-    assert out.returncode == 2, out.stdout + out.stderr
-    message = out.stdout.strip().splitlines()[-1]
-    assert "CPU needs 32.8 GiB" in message and "20.0 GiB free (--memory-budget)" in message
-    assert "ctx_size 131072 as set" in message
-    suggested = message.split("These settings would fit: ", 1)[1].split()
-    assert suggested[0] == "--ctx-size" and int(suggested[1]) < 32768
-    # ... and the suggestion does fit.
-    again = dry_run("--model", str(g27["Q4_K_M"]), "--memory-budget", "20GiB", *suggested)
-    assert again.returncode == 0, again.stdout
-
-
-def test_serve_refuses_explicit_settings_that_do_not_fit(g27):
-    """Not only the dry run: `wicore serve` itself stops before starting anything."""
+def test_explicit_context_that_does_not_fit_exits_2_with_the_numbers(g27, probe):
+    """`wicore serve` stops before starting anything, with one message: the need, the free
+    memory, and settings that would fit (which do)."""
     out = subprocess.run(
         [sys.executable, "-m", "wicore_cpp", "serve", "--model", str(g27["Q4_K_M"]),
          "--port", "0", "--memory-budget", "20GiB", "--ctx-size", "131072"],
         capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert out.returncode == 2
+    assert out.returncode == 2, out.stderr
     errors = [line for line in out.stderr.splitlines() if " ERROR " in line]
-    assert len(errors) == 1 and "needs 32.8 GiB" in errors[0] and "would fit" in errors[0]
-    assert "listening" not in out.stderr and "Traceback" not in out.stderr
+    assert len(errors) == 1 and "listening" not in out.stderr and "Traceback" not in out.stderr
+    message = errors[0]
+    assert "CPU needs 32.8 GiB" in message and "20.0 GiB free (--memory-budget)" in message
+    assert "ctx_size 131072 as set" in message
+    suggested = message.split("These settings would fit: ", 1)[1].split()
+    assert suggested[0] == "--ctx-size" and int(suggested[1]) < 32768
+    flags = {name.removeprefix("--").replace("-", "_"): value
+             for name, value in zip(suggested[::2], suggested[1::2], strict=True)}
+    from wicore_cpp.engine.memory_plan import plan_for_config
+
+    config = load_config(environ={}, flags={"model": str(g27["Q4_K_M"]),
+                                            "memory_budget": "20GiB", **flags})
+    again = plan_for_config(config, {"m": read_gguf(g27["Q4_K_M"])}, probe)
+    assert again.fits and again.steps == ()
 
 
 def test_dry_run_text_and_bad_flags(g27):
-    out = dry_run("--model", str(g27["QAT Q4_0"]), "--memory-budget", "64GiB")
-    assert out.returncode == 0
+    out = dry_run("--model", str(g27["QAT Q4_0"]), "--memory-budget", "20GiB",
+                  "--ctx-size", "32768")
+    assert out.returncode == 2
     assert "KV cache, sliding-window layers (52 layers x 17920 cells)" in out.stdout
     assert "weights repacked for the CPU (CPU_REPACK)" in out.stdout
+    assert "DOES NOT FIT" in out.stdout
+    assert out.stdout.strip().splitlines()[-1].startswith("the memory plan does not fit: CPU needs")
     bad = dry_run("--model", str(g27["QAT Q4_0"]), "--memory-budget", "lots")
     assert bad.returncode == 2 and "memory_budget" in bad.stderr
     json_alone = subprocess.run([sys.executable, "-m", "wicore_cpp", "serve", "--json"],

@@ -51,12 +51,19 @@ def _has_ray() -> bool:
     return True
 
 
-def plan_memory(config: Config, models: dict[str, GGUFFile]) -> FitResult:
-    """The memory plan, with llama.cpp's figures from a helper process (see memory_probe)."""
+def check_and_plan(config: Config) -> tuple[dict[str, GGUFFile], FitResult]:
+    """The model files checked, then the memory plan, with llama.cpp's figures from a helper
+    process (engine/memory_probe.py) that starts while the files are read. Raises
+    ModelFileError (a bad file), ValueError (a setting the plan cannot use) or RuntimeError
+    (llama.cpp does not start)."""
     from wicore_cpp.engine.memory_probe import MemoryProbe
 
     with MemoryProbe() as probe:
-        return plan_for_config(config, models, probe)
+        models = check_models(config)
+        for model_id, m in models.items():
+            log.info("serving %s from %s (%s, %.1f MiB, trained context %d)", model_id, m.path,
+                     m.architecture, m.size_bytes / 2**20, m.context_length)
+        return models, plan_for_config(config, models, probe)
 
 
 def run_server(config: Config) -> int:
@@ -66,15 +73,10 @@ def run_server(config: Config) -> int:
                   "`ray` extra: pip install 'wicore-cpp[ray]'")
         return 2
     try:
-        models = check_models(config)
+        models, result = check_and_plan(config)
     except ModelFileError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_FAILURE
-    for model_id, m in models.items():
-        log.info("serving %s from %s (%s, %.1f MiB, trained context %d)", model_id, m.path,
-                 m.architecture, m.size_bytes / 2**20, m.context_length)
-    try:
-        result = plan_memory(config, models)
     except ValueError as exc:  # a setting the plan cannot use (gpu_ids naming no GPU)
         log.error("cannot start: %s", exc)
         return EXIT_CONFIG
@@ -87,9 +89,11 @@ def run_server(config: Config) -> int:
         log.error("cannot start: %s", result.problem)
         return EXIT_CONFIG
     plan = result.plan
-    log.info("memory plan: %s", "; ".join(
-        f"{p.name} {gib(plan.usage[p.name].total)} of {gib(plan.usable(p))} usable"
-        for p in plan.pools if plan.usage[p.name].total))
+    s = plan.settings
+    log.info("memory plan: ctx_size %d, %d sequences, kv cache %s; %s (--dry-run shows it all)",
+             s.ctx_size, s.n_seq_max, s.kv_cache_type, "; ".join(
+                 f"{p.name} needs {gib(plan.usage[p.name].total)} of {gib(plan.usable(p))} "
+                 "usable" for p in plan.pools if plan.usage[p.name].total))
     return asyncio.run(_serve(fitted_config(config, result), models))
 
 
@@ -99,8 +103,7 @@ def dry_run(config: Config, as_json: bool) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        models = check_models(config)
-        result = plan_memory(config, models)
+        _, result = check_and_plan(config)
     except (ModelFileError, RuntimeError) as exc:
         print(f"wicore serve: {exc}", file=sys.stderr)  # noqa: T201 - CLI output
         return EXIT_FAILURE
