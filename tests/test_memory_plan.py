@@ -206,6 +206,11 @@ def test_fit_shrinks_the_context_first(g27):
     assert result.fits and 4096 <= s.ctx_size < 32768 and s.ctx_size % 256 == 0
     assert (s.max_batch_size, s.n_gpu_layers) == (16, -1)
     assert [st.setting for st in result.steps] == ["ctx_size"]
+    from wicore_cpp.engine.memory_plan import describe
+
+    text = "\n".join(describe(result))
+    assert f"fit: ctx_size 32768 -> {s.ctx_size}: at 32768 the plan needs " in text
+    assert "CUDA0 (): 24.0 GiB free" in text and text.endswith("fits")
     # The largest: one more step of 256 cells would not fit.
     assert not make_plan((ModelLoad("m", shape, (("CUDA0",),)),),
                          replace(s, ctx_size=s.ctx_size + 256), result.plan.pools, GiB,
@@ -278,7 +283,8 @@ def test_devices_workers_and_what_counts_as_set(g27):
     plan = make_plan((load,), DEFAULTS, pools, GiB, host.cpu, None)
     assert plan.usage["CUDA1"].weights == 2 * plan.usage["CUDA0"].weights == 2 * (
         shape.weight_bytes)
-    assert plan.usage[HOST].weights == 3 * next(
+    # The mapped file is in the page cache once, however many workers map it.
+    assert plan.usage[HOST].weights == next(
         t.n_bytes for t in shape.tensors if t.name == "token_embd.weight")
 
     budget = load_config(environ={"WICORE_MEMORY_BUDGET": "30GiB"}, flags={})

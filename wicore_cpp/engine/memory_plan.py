@@ -248,6 +248,9 @@ def settings_from_config(config: Config) -> Settings:
         kv_cache_type=config.kv_cache_type,
         prefill_chunk=config.prefill_chunk,
         flash_attn="on" if config.kv_cache_type != "f16" else config.flash_attn,
+        # The prompt cache (issue 8): its in-pool tier lives inside ctx_size and costs nothing
+        # here; its host-memory tier is to be read from its setting here, once there is one.
+        prompt_cache=0,
     )
 
 
@@ -497,10 +500,14 @@ def make_plan(
         for gpu_names in load.worker_gpus:
             gpus = tuple(by_name[n] for n in gpu_names)
             use = worker_usage(load.shape, settings, gpus, cpu, measured)
-            for name, u in use.items():
-                usage[name].add(u)
             if first is None:
                 first = use
+            else:
+                # Workers map the same file: its pages are in the page cache once. Their
+                # repacked copies, caches and buffers are their own.
+                use = {**use, HOST: replace(use[HOST], weights=0)}
+            for name, u in use.items():
+                usage[name].add(u)
         on_gpu = settings.layers_on_gpu(load.shape) if load.worker_gpus[0] else 0
         models.append(ModelPlan(
             model_id=load.model_id, shape=load.shape, n_workers=len(load.worker_gpus),
@@ -526,9 +533,8 @@ class FitStep:
     usable: int
 
     def describe(self) -> str:
-        name = {"ctx_size": "ctx_size", "max_batch_size": "max_batch_size",
-                "n_gpu_layers": "n_gpu_layers"}[self.setting]
-        return (f"{name} {self.before} -> {self.after}: at {self.before} the plan needs "
+        before = "all" if self.setting == "n_gpu_layers" and self.before < 0 else self.before
+        return (f"{self.setting} {before} -> {self.after}: at {before} the plan needs "
                 f"{gib(self.need_before)} on {self.pool}, {gib(self.usable)} usable; "
                 f"at {self.after} it needs {gib(self.need_after)}")
 
@@ -725,9 +731,10 @@ def _suggest(loads: tuple[ModelLoad, ...], requested: Settings, ctx_size_min: in
                 flags.append(f"--kv-cache-type {kv}")
             return "These settings would fit: " + " ".join(flags)
     pool, need, usable = _worst(result.plan)  # the last try: the smallest there is
-    return (f"Nothing fits: even a {result.plan.settings.ctx_size}-token context for one "
-            f"sequence with a q4_0 KV cache needs {gib(need)} on {pool}, {gib(usable)} usable; "
-            "a smaller model file (wicore quantize) or more memory is needed")
+    s = result.plan.settings
+    return (f"Nothing fits: even ctx_size {s.ctx_size} with max_batch_size {s.max_batch_size} "
+            f"and a q4_0 KV cache needs {gib(need)} on {pool}, {gib(usable)} usable; a smaller "
+            "model file (wicore quantize) or more memory is needed")
 
 
 # -- from a Config -----------------------------------------------------------------------------
