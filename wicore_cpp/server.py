@@ -13,7 +13,7 @@ import sys
 import orjson
 from aiohttp import web
 
-from wicore_cpp.config import Config, ConfigError
+from wicore_cpp.config import DEFAULT_CTX_SIZE, Config, ConfigError
 from wicore_cpp.engine.memory_plan import (
     FitResult,
     describe,
@@ -51,6 +51,12 @@ def _has_ray() -> bool:
     return True
 
 
+def _on_remote_ray(config: Config) -> bool:
+    """Workers on another machine's Ray cluster: this machine's memory says nothing about
+    theirs. (`local` runs them here, and is planned like worker processes.)"""
+    return config.ray_address is not None and config.ray_address != "local"
+
+
 def check_and_plan(config: Config) -> tuple[dict[str, GGUFFile], FitResult]:
     """The model files checked, then the memory plan, with llama.cpp's figures from a helper
     process (engine/memory_probe.py) that starts while the files are read. Raises
@@ -72,6 +78,16 @@ def run_server(config: Config) -> int:
         log.error("cannot start: ray_address is set but Ray is not installed; install the "
                   "`ray` extra: pip install 'wicore-cpp[ray]'")
         return 2
+    if _on_remote_ray(config):
+        try:
+            models = check_models(config)
+        except ModelFileError as exc:
+            log.error("cannot start: %s", exc)
+            return EXIT_FAILURE
+        log.info("memory plan skipped: the workers run on the Ray cluster at %s, whose devices "
+                 "this machine does not see (an unset ctx_size is %d there)",
+                 config.ray_address, DEFAULT_CTX_SIZE)
+        return asyncio.run(_serve(config, models))
     try:
         models, result = check_and_plan(config)
     except ModelFileError as exc:
@@ -110,6 +126,9 @@ def dry_run(config: Config, as_json: bool) -> int:
     except ValueError as exc:
         print(f"wicore serve: {exc}", file=sys.stderr)  # noqa: T201 - CLI output
         return EXIT_CONFIG
+    if _on_remote_ray(config):
+        print(f"wicore serve: the workers run on the Ray cluster at {config.ray_address}; "  # noqa: T201
+              "this plan is for this machine's devices, not the cluster's", file=sys.stderr)
     if as_json:
         out = {**result.plan.as_dict(), "fits": result.fits, "problem": result.problem,
                "fit_steps": [{"setting": st.setting, "from": st.before, "to": st.after,
