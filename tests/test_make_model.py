@@ -223,13 +223,13 @@ def test_bench_vocabulary_is_unique():
     assert scores[mm.FIRST_NORMAL_TOKEN] > scores[-1]
 
 
-def test_sparse_gemma_3_27b_has_the_real_shape(tmp_path):
+def test_sparse_gemma_3_27b_has_the_real_shape(gemma_27b_files, tmp_path):
     """The 27B preset: 808 tensors in the real files' types, 15.4 GiB that take no disk."""
     from collections import Counter
 
     from wicore_cpp.gguf_file import read_gguf
 
-    path = mm.write_model(tmp_path / "g27.gguf", preset="gemma-3-27b")
+    path = gemma_27b_files["Q4_K_M"]
     m = read_gguf(path)
     assert len(m.tensors) == 808 and m.n_layer == 62 and m.context_length == 131072
     assert Counter(t.ggml_type for t in m.tensors) == {"Q4_K": 374, "F32": 373, "Q6_K": 61}
@@ -240,10 +240,14 @@ def test_sparse_gemma_3_27b_has_the_real_shape(tmp_path):
     assert m.metadata["tokenizer.ggml.tokens"].length == 262144
     assert m.arch_value("attention.sliding_window") == 1024
 
-    qat = read_gguf(mm.write_model(tmp_path / "qat.gguf", "gemma-3-27b", "qat-q4_0"))
+    # write_model dispatches the sparse preset (the fixture used write_sparse_model).
+    again = mm.write_model(tmp_path / "again.gguf", "gemma-3-27b")
+    with again.open("rb") as a, path.open("rb") as b:
+        assert a.read(1 << 16) == b.read(1 << 16)
+    qat = read_gguf(gemma_27b_files["QAT Q4_0"])
     assert Counter(t.ggml_type for t in qat.tensors) == {"Q4_0": 434, "F32": 373, "F16": 1}
     assert round(qat.size_bytes / 2**30, 1) == 16.0  # Google's file: 17.2 GB
-    q8 = read_gguf(mm.write_model(tmp_path / "q8.gguf", "gemma-3-27b", "q8_0"))
+    q8 = read_gguf(gemma_27b_files["Q8_0"])
     assert Counter(t.ggml_type for t in q8.tensors) == {"Q8_0": 435, "F32": 373}
     with pytest.raises(ValueError, match="dtype must be one of"):
         mm.write_model(tmp_path / "x.gguf", "gemma-3-27b", "f16")

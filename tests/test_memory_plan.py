@@ -8,7 +8,6 @@ checked on small models here and on the 27B file in tests/test_big_model.py.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from dataclasses import replace
@@ -17,7 +16,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.conftest import MODEL_ID, ROOT, load_make_model
+from tests.conftest import MODEL_ID, ROOT, load_make_model, load_tool
 from wicore_cpp.config import load_config
 from wicore_cpp.engine.memory_plan import (
     HOST,
@@ -38,17 +37,12 @@ from wicore_cpp.gguf_file import read_gguf
 
 
 def _memory_tables():
-    spec = importlib.util.spec_from_file_location("memory_tables",
-                                                  ROOT / "tools" / "memory_tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("memory_tables")
 
 
 @pytest.fixture(scope="module")
-def g27(tmp_path_factory) -> dict[str, Path]:
-    """Gemma-3-27B's shape as the Q4_K_M, Q8_0 and QAT Q4_0 files (sparse: a few MB each)."""
-    return _memory_tables().write_models(tmp_path_factory.mktemp("g27"))
+def g27(gemma_27b_files) -> dict[str, Path]:
+    return gemma_27b_files
 
 
 @pytest.fixture(scope="module")
