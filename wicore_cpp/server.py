@@ -78,6 +78,19 @@ def run_server(config: Config) -> int:
         log.error("cannot start: ray_address is set but Ray is not installed; install the "
                   "`ray` extra: pip install 'wicore-cpp[ray]'")
         return 2
+    # The port first: a taken one fails at once, not after the plan (seconds for a big model).
+    sock = _listen(config)
+    if sock is None:
+        return EXIT_FAILURE
+    prepared = _prepare(config)
+    if isinstance(prepared, int):
+        sock.close()
+        return prepared
+    return asyncio.run(_serve(*prepared, sock))
+
+
+def _prepare(config: Config) -> tuple[Config, dict[str, GGUFFile]] | int:
+    """The checked models and the config with its fitted settings, or an exit code."""
     if _on_remote_ray(config):
         try:
             models = check_models(config)
@@ -87,7 +100,7 @@ def run_server(config: Config) -> int:
         log.info("memory plan skipped: the workers run on the Ray cluster at %s, whose devices "
                  "this machine does not see (an unset ctx_size is %d there)",
                  config.ray_address, DEFAULT_CTX_SIZE)
-        return asyncio.run(_serve(config, models))
+        return config, models
     try:
         models, result = check_and_plan(config)
     except ModelFileError as exc:
@@ -110,7 +123,7 @@ def run_server(config: Config) -> int:
              s.ctx_size, s.n_seq_max, s.kv_cache_type, "; ".join(
                  f"{p.name} needs {gib(plan.usage[p.name].total)} of {gib(plan.usable(p))} "
                  "usable" for p in plan.pools if plan.usage[p.name].total))
-    return asyncio.run(_serve(fitted_config(config, result), models))
+    return fitted_config(config, result), models
 
 
 def dry_run(config: Config, as_json: bool) -> int:
@@ -170,15 +183,24 @@ def _exit_now(signame: str) -> None:
     os._exit(128 + signal.Signals[signame].value)
 
 
-async def _serve(config: Config, models: dict[str, GGUFFile]) -> int:
+def _listen(config: Config) -> socket.socket | None:
+    """bind_socket, or None after logging why not."""
+    try:
+        return bind_socket(config.host, config.port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)
+        return None
+
+
+async def _serve(config: Config, models: dict[str, GGUFFile],
+                 sock: socket.socket | None = None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     exit_code = 0
-    try:
-        sock = bind_socket(config.host, config.port)
-    except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)
-        return 1
+    if sock is None:
+        sock = _listen(config)
+        if sock is None:
+            return 1
 
     def on_fatal(message: str) -> None:
         nonlocal exit_code
