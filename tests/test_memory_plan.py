@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import MODEL_ID, ROOT, load_make_model, load_tool
 from wicore_cpp.config import load_config
+from wicore_cpp.engine.memory_fit import fit, plan_for_config, settings_from_config
 from wicore_cpp.engine.memory_plan import (
     HOST,
     ContextRequest,
@@ -28,9 +29,7 @@ from wicore_cpp.engine.memory_plan import (
     ModelShape,
     Pool,
     Settings,
-    fit,
     make_plan,
-    settings_from_config,
 )
 from wicore_cpp.engine.memory_probe import MemoryProbe
 from wicore_cpp.gguf_file import read_gguf
@@ -141,8 +140,6 @@ def test_plan_agrees_with_what_llama_cpp_allocates(which, settings, bench_q4km, 
     buffers llama.cpp allocates when the worker's code loads the model for real."""
     path = bench_q4km if which == "bench-q4km" else demo_model_path
     config = load_config(environ={}, flags={"model": str(path), **settings})
-    from wicore_cpp.engine.memory_plan import plan_for_config
-
     result = plan_for_config(config, {"m": read_gguf(path)}, probe)
     assert result.fits and result.plan.measured
     u = result.plan.usage[HOST]
@@ -200,7 +197,7 @@ def test_fit_shrinks_the_context_first(g27):
     assert result.fits and 4096 <= s.ctx_size < 32768 and s.ctx_size % 256 == 0
     assert (s.max_batch_size, s.n_gpu_layers) == (16, -1)
     assert [st.setting for st in result.steps] == ["ctx_size"]
-    from wicore_cpp.engine.memory_plan import describe
+    from wicore_cpp.engine.memory_fit import describe
 
     text = "\n".join(describe(result))
     assert f"fit: ctx_size 32768 -> {s.ctx_size}: at 32768 the plan needs " in text
@@ -255,14 +252,8 @@ def test_devices_workers_and_what_counts_as_set(g27):
     """The pools a Config plans for (a budget replaces the free memory of each GPU, or of the
     host without one), the GPUs each worker sees (gpu_ids round-robin), and which settings the
     fit may change."""
-    from wicore_cpp.engine.memory_plan import (
-        DeviceInfo,
-        HostReport,
-        fitted_config,
-        fixed_settings,
-        loads_for,
-        pools_for,
-    )
+    from wicore_cpp.engine.memory_fit import fitted_config, fixed_settings, loads_for, pools_for
+    from wicore_cpp.engine.memory_plan import DeviceInfo, HostReport
 
     cards = (DeviceInfo("CUDA0", "RTX 4090", "gpu", 23 * GiB, 24 * GiB),
              DeviceInfo("CUDA1", "RTX 4090", "gpu", 22 * GiB, 24 * GiB))
@@ -348,8 +339,6 @@ def test_explicit_context_that_does_not_fit_exits_2_with_the_numbers(g27, probe)
     assert suggested[0] == "--ctx-size" and int(suggested[1]) < 32768
     flags = {name.removeprefix("--").replace("-", "_"): value
              for name, value in zip(suggested[::2], suggested[1::2], strict=True)}
-    from wicore_cpp.engine.memory_plan import plan_for_config
-
     config = load_config(environ={}, flags={"model": str(g27["Q4_K_M"]),
                                             "memory_budget": "20GiB", **flags})
     again = plan_for_config(config, {"m": read_gguf(g27["Q4_K_M"])}, probe)

@@ -2,7 +2,7 @@
 """The memory tables of README.md and models/README.md, made by the memory planner.
 
 For Gemma-3-27B-it's real shape in three files (Q4_K_M, Q8_0 and Google's QAT Q4_0), written
-sparse by tools/make_model.py, the planner (wicore_cpp/engine/memory_plan.py) computes what a
+sparse by tools/make_model.py, the planner (wicore_cpp/engine/memory_plan.py, memory_fit.py) computes what a
 GPU would hold with every layer offloaded, and what `wicore serve` fits on cards of 24, 32, 48
 and 80 GiB. The compute buffers are llama.cpp's own figures for each context, from a no_alloc
 context on the CPU backend (engine/memory_probe.py): the CUDA backend sizes the same graph,
@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from wicore_cpp.config import DEFAULT_CTX_SIZE
+from wicore_cpp.engine.memory_fit import fit
 from wicore_cpp.engine.memory_plan import (
     HOST,
     ContextRequest,
@@ -34,7 +35,6 @@ from wicore_cpp.engine.memory_plan import (
     ModelShape,
     Pool,
     Settings,
-    fit,
     make_plan,
 )
 from wicore_cpp.engine.memory_probe import MemoryProbe

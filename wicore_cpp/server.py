@@ -14,13 +14,8 @@ import orjson
 from aiohttp import web
 
 from wicore_cpp.config import DEFAULT_CTX_SIZE, Config, ConfigError
-from wicore_cpp.engine.memory_plan import (
-    FitResult,
-    describe,
-    fitted_config,
-    gib,
-    plan_for_config,
-)
+from wicore_cpp.engine.memory_fit import FitResult, describe, fitted_config, plan_for_config
+from wicore_cpp.engine.memory_plan import gib
 from wicore_cpp.errors import ModelFileError
 from wicore_cpp.gguf_file import GGUFFile, check_model_file
 from wicore_cpp.http.app import create_app

@@ -16,7 +16,7 @@ is gone with it when the plan is done.
 Everything llama.cpp says here arrives as log lines (its figures are not in the C API of this
 version: `llama_get_memory_breakdown` returns a C++ map), parsed by `parse_log`. llama.cpp's own
 fit (`common_fit_params`, vendor/llama.cpp/common/fit.cpp) is in its `common` library, which
-the wheel does not ship; WiCore's fit (engine/memory_plan.py) works the same way (a no_alloc
+the wheel does not ship; WiCore's fit (engine/memory_fit.py) works the same way (a no_alloc
 model and context, a margin per device, a smallest context) in its own order of what gives way.
 """
 
