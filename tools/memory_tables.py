@@ -2,11 +2,12 @@
 """The memory tables of README.md and models/README.md, made by the memory planner.
 
 For Gemma-3-27B-it's real shape in three files (Q4_K_M, Q8_0 and Google's QAT Q4_0), written
-sparse by tools/make_model.py, the planner (wicore_cpp/engine/memory_plan.py, memory_fit.py) computes what a
-GPU would hold with every layer offloaded, and what `wicore serve` fits on cards of 24, 32, 48
-and 80 GiB. The compute buffers are llama.cpp's own figures for each context, from a no_alloc
-context on the CPU backend (engine/memory_probe.py): the CUDA backend sizes the same graph,
-but no GPU was at hand to measure its buffers, so they are the CPU's.
+sparse by tools/make_model.py, the planner (wicore_cpp/engine/memory_plan.py and
+memory_fit.py) computes what a GPU would hold with every layer offloaded, and what
+`wicore serve` fits on cards of 24, 32, 48 and 80 GiB. The compute buffers are llama.cpp's
+own figures for each context, from a no_alloc context on the CPU backend
+(engine/memory_probe.py): the CUDA backend sizes the same graph, but no GPU was at hand to
+measure its buffers, so they are the CPU's.
 
     python tools/memory_tables.py            # print the tables
     python tools/memory_tables.py --write    # replace them in README.md and models/README.md
