@@ -71,10 +71,10 @@ def test_gemma_3_27b_serves_with_the_planned_settings(machine_lock, tmp_path):
 
     port = free_port()
     log_path = tmp_path / "server.log"
-    # DEBUG: llama.cpp's own buffer sizes are in the log at that level.
+    # llama.cpp logs its own buffer sizes at INFO (its lines have their own level setting).
     proc = subprocess.Popen(
         [sys.executable, "-m", "wicore_cpp", "serve", *common, "--port", str(port),
-         "--log-level", "DEBUG"],
+         "--llama-log-level", "INFO"],
         stdout=log_path.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"
     try:
