@@ -378,6 +378,8 @@ def test_start_up_fit_reaches_the_workers(start_server, demo_model_path):
     status, body = _chat(server.url, "hello world " * planned)
     assert status == 400 and body["error"]["code"] == "context_length_exceeded"
     assert str(planned) in body["error"]["message"]
+    # SIGTERM, not the fixture's SIGKILL: the server takes its helper processes down with it.
+    assert server.stop() == 0
 
 
 def _chat(url: str, text: str) -> tuple[int, dict]:
