@@ -8,8 +8,8 @@ DEMO   := models/gemma-3-demo.gguf
 BENCH_MODEL := models/bench-gemma3-q8_0.gguf
 LLAMA_PIN := llama-cpp-python==0.3.36
 
-.PHONY: serve test bench bench-ray install install-test install-bench install-ray install-cuda \
-	demo-model clean
+.PHONY: serve test test-big bench bench-ray install install-test install-bench install-ray \
+	install-cuda demo-model clean systemd-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,8 +47,24 @@ demo-model: $(DEMO)
 serve: $(VENV)/.installed $(DEMO)
 	$(BIN)/wicore serve --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.installed-test $(DEMO)
+# The suite, then the one test that serves Gemma-3-27B's real size (about 20 GiB of RAM for a
+# few minutes), alone: tests/test_big_model.py.
+test: $(VENV)/.installed-test $(DEMO) systemd-tools
 	$(BIN)/python -m pytest
+	$(MAKE) test-big
+
+test-big: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -m big tests/test_big_model.py
+
+# tests/test_deploy.py checks deploy/wicore-engine.service with systemd-analyze. Install it
+# where we may (root with apt-get); elsewhere that test is skipped and says why.
+systemd-tools:
+	@command -v systemd-analyze >/dev/null 2>&1 \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	       && apt-get update -qq && apt-get install -y -qq --no-install-recommends systemd \
+	          >/dev/null; } \
+	  || echo "systemd-analyze is not installed and cannot be installed here:" \
+	          "tests/test_deploy.py will skip its unit-file check"
 
 $(BENCH_MODEL): tools/make_model.py | $(VENV)/.installed
 	$(BIN)/python tools/make_model.py --preset bench --out $@

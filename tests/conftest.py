@@ -38,6 +38,21 @@ def load_make_model():
     return module
 
 
+def load_tool(name: str):
+    """tools/<name>.py as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def gemma_27b_files(tmp_path_factory) -> dict[str, Path]:
+    """Gemma-3-27B's exact shape as the Q4_K_M, Q8_0 and QAT Q4_0 files, written sparse (a few
+    MB of disk each, seconds to write): what the memory plan and the READMEs' tables use."""
+    return load_tool("memory_tables").write_models(tmp_path_factory.mktemp("gemma-3-27b"))
+
+
 @pytest.fixture(scope="session")
 def demo_model_path(tmp_path_factory) -> Path:
     """The demo model in F32, loaded exactly as Gemma-3-27B is.

@@ -284,6 +284,8 @@ def test_cli_parses_each_subcommand():
     assert (args.running, args.waiting) == (16, 32)
     args = parser.parse_args(["compare", "--model", "x.gguf", "--wicore-arg=--workers=1"])
     assert args.wicore_arg == ["--workers=1"] and args.out_dir == "bench-results"
+    args = parser.parse_args(["fairness", "--model", "m", "--flood-key", "a", "--polite-key", "b"])
+    assert (args.flood_requests, args.probes, args.flood_key, args.polite_key) == (40, 6, "a", "b")
     args = parser.parse_args(["multiturn", "--model", "x.gguf", "--servers", "wicore"])
     assert (args.conversations, args.turns, args.servers) == (4, 4, "wicore")
     args = parser.parse_args(["host-tier", "--model", "x.gguf", "--lengths", "64,128"])

@@ -209,6 +209,57 @@ def test_invalid_value_in_file_names_the_field(tmp_path):
         load_config(path, environ={})
 
 
+# -- the API document's `logging` section ----------------------------------------------------
+
+
+def test_the_documents_config_file_is_accepted_as_written(tmp_path):
+    path = write_json(tmp_path / "doc.json", {"logging": {
+        "level": "DEBUG", "enable_request_logging": True, "enable_performance_logging": True}})
+    config = load_config(path, environ={})
+    assert (config.log_level, config.log_requests, config.log_performance) == (
+        "DEBUG", True, True)
+
+
+def test_logging_section_maps_onto_flat_settings_and_env_still_wins(tmp_path):
+    path = write_json(tmp_path / "c.json", {"port": 8100, "logging": {
+        "level": "WARNING", "format": "json", "llama_level": "info",
+        "performance_interval_s": 2.5}})
+    config = load_config(path, environ={"WICORE_LOG_LEVEL": "ERROR"})
+    assert config.port == 8100
+    assert (config.log_level, config.log_format, config.llama_log_level) == (
+        "ERROR", "json", "info")
+    assert config.performance_log_interval_s == 2.5
+    assert not config.log_requests and not config.log_performance  # the defaults
+
+
+@pytest.mark.parametrize("data, problem", [
+    ({"logging": {"levle": "DEBUG"}}, "logging.levle"),
+    ({"logging": {"level": "LOUD"}}, "log_level"),
+    ({"logging": {"enable_request_logging": "maybe"}}, "log_requests"),
+    ({"logging": {"format": "xml"}}, "log_format"),
+    ({"logging": "DEBUG"}, "logging"),
+    ({"log_level": "INFO", "logging": {"level": "DEBUG"}}, "both set"),
+])
+def test_bad_logging_section_names_the_problem(tmp_path, data, problem):
+    with pytest.raises(ConfigError, match=problem):
+        load_config(write_json(tmp_path / "c.json", data), environ={})
+
+
+def test_operations_settings_from_env_and_flags():
+    config = load_config(environ={"WICORE_CORS_ORIGINS": '["https://a.example"]',
+                                  "WICORE_LOG_REQUESTS": "true",
+                                  "WICORE_API_KEYS": "/etc/wicore/keys.json"},
+                         flags={"llama_log_level": "DEBUG", "data_dir": "/var/lib/wicore"})
+    assert config.cors_origins == ["https://a.example"]
+    assert config.log_requests is True and config.llama_log_level == "DEBUG"
+    assert (config.api_keys, config.data_dir) == ("/etc/wicore/keys.json", "/var/lib/wicore")
+    defaults = load_config(environ={})
+    assert defaults.api_keys is None and defaults.cors_origins == []
+    assert defaults.llama_log_level == "WARNING" and defaults.log_format == "text"
+    with pytest.raises(ConfigError, match="llama_log_level"):
+        load_config(environ={"WICORE_LLAMA_LOG_LEVEL": "chatty"})
+
+
 # -- served models ---------------------------------------------------------------------------
 
 

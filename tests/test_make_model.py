@@ -221,3 +221,51 @@ def test_bench_vocabulary_is_unique():
     tokens, scores, types = mm.build_vocab(mm.PRESETS["bench"].n_vocab)
     assert len(tokens) == len(set(tokens)) == len(scores) == len(types) == 32768
     assert scores[mm.FIRST_NORMAL_TOKEN] > scores[-1]
+
+
+def test_sparse_gemma_3_27b_has_the_real_shape(gemma_27b_files, tmp_path):
+    """The 27B preset: 808 tensors in the real files' types, 15.4 GiB that take no disk."""
+    from collections import Counter
+
+    from wicore_cpp.gguf_file import read_gguf
+
+    path = gemma_27b_files["Q4_K_M"]
+    m = read_gguf(path)
+    assert len(m.tensors) == 808 and m.n_layer == 62 and m.context_length == 131072
+    assert Counter(t.ggml_type for t in m.tensors) == {"Q4_K": 374, "F32": 373, "Q6_K": 61}
+    assert round(m.size_bytes / 2**30, 1) == 15.4
+    assert path.stat().st_blocks * 512 < 64 * 2**20  # a hole, not 15 GiB of zeros on disk
+    embd = m.tensor("token_embd.weight")
+    assert embd.shape == (5376, 262144) and embd.ggml_type == "Q6_K"
+    assert m.metadata["tokenizer.ggml.tokens"].length == 262144
+    assert m.arch_value("attention.sliding_window") == 1024
+
+    # write_model dispatches the sparse preset (the fixture used write_sparse_model).
+    again = mm.write_model(tmp_path / "again.gguf", "gemma-3-27b")
+    with again.open("rb") as a, path.open("rb") as b:
+        assert a.read(1 << 16) == b.read(1 << 16)
+    qat = read_gguf(gemma_27b_files["QAT Q4_0"])
+    assert Counter(t.ggml_type for t in qat.tensors) == {"Q4_0": 434, "F32": 373, "F16": 1}
+    assert round(qat.size_bytes / 2**30, 1) == 16.0  # Google's file: 17.2 GB
+    q8 = read_gguf(gemma_27b_files["Q8_0"])
+    assert Counter(t.ggml_type for t in q8.tensors) == {"Q8_0": 435, "F32": 373}
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        mm.write_model(tmp_path / "x.gguf", "gemma-3-27b", "f16")
+
+
+def test_sparse_model_loads_and_runs_in_llama_cpp(tmp_path):
+    """Zeros are valid weights in every type: a sparse file of the demo's shape and Q4_K_M's
+    types loads and decodes like any model."""
+    path = mm.write_sparse_model(tmp_path / "demo-q4km.gguf", "demo", "q4_k_m")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, verbose=False)
+    try:
+        out = llm.create_completion("Hello", max_tokens=4, temperature=0)
+        assert out["usage"]["completion_tokens"] >= 1
+    finally:
+        llm.close()
+
+
+def test_tensor_shapes_match_the_written_weights():
+    rng = __import__("numpy").random.default_rng(0)
+    written = [(name, arr.shape) for name, arr in mm._make_weights(DEMO, rng)]
+    assert written == list(mm.tensor_shapes(DEMO))

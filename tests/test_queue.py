@@ -232,8 +232,8 @@ def test_heavy_cancellation_compaction_keeps_order_and_bounds_heap():
         if f"r{i}" not in survivors:
             assert q.remove(f"r{i}") == f"r{i}"
     assert len(q) == len(survivors)
-    # Tombstones are compacted away, so the heap stays proportional to what is waiting.
-    assert len(q._heap) <= 2 * len(q) + 64 + 1
+    # Tombstones are compacted away, so the heaps stay proportional to what is waiting.
+    assert sum(level.num_entries() for level in q._levels) <= 4 * len(q) + 64 + 2
     assert drain(q) == sorted(survivors, key=expected_keys.__getitem__)
 
 
@@ -351,3 +351,129 @@ def test_pop_level_takes_the_oldest_of_that_level_past_aged_requests():
     assert q.pop() == "old-low"  # the head itself is unchanged
     assert q.pop_level(Priority.HIGH) is None
     assert q.pop_level(Priority.URGENT) == "u2" and len(q) == 0
+
+
+# -- fair share between tenants ---------------------------------------------------------------
+
+
+def tpush(q, item_id: str, tenant: str, level: Priority = Priority.NORMAL,
+          arrival: float = 100.0) -> None:
+    q.push(item_id, item_id, level, arrival, tenant)
+
+
+def test_one_tenant_flooding_a_level_does_not_starve_another():
+    q = make_queue()
+    for i in range(10):
+        tpush(q, f"a{i}", "flood", arrival=100.0 + i * 0.01)
+    for i in range(2):  # two of the flood's requests are served (prompt + completion)
+        assert q.pop() == f"a{i}"
+        q.charge("flood", 20)
+    tpush(q, "b0", "polite", arrival=100.5)
+    # The polite tenant has had no turn: its request takes the level's next place.
+    assert q.pop() == "b0"
+    assert drain(q) == [f"a{i}" for i in range(2, 10)]  # the flood keeps its own order
+
+
+def test_turns_are_by_tokens_served_not_by_requests():
+    q = make_queue()
+    for i in range(3):
+        tpush(q, f"long{i}", "long", arrival=100.0 + i * 0.01)
+        tpush(q, f"short{i}", "short", arrival=100.0 + i * 0.01 + 0.001)
+    order = []
+    cost = {"long": 100, "short": 10}  # tokens each request of the tenant turns out to cost
+    while (item := q.pop()) is not None:
+        order.append(item)
+        q.charge(item.rstrip("0123456789"), cost[item.rstrip("0123456789")])
+    # long0 costs 100 tokens, so the short tenant gets turns until it has used as many.
+    assert order == ["long0", "short0", "short1", "short2", "long1", "long2"]
+
+
+def test_time_away_is_neither_credit_nor_debt():
+    q = make_queue()
+    tpush(q, "a0", "a")
+    assert q.pop() == "a0"
+    q.charge("a", 1000)  # "a" alone: nobody else wanted anything meanwhile
+    for i in range(5):
+        tpush(q, f"b{i}", "b", arrival=101.0 + i * 0.01)
+    assert q.pop() == "b0"
+    q.charge("b", 10)
+    tpush(q, "a1", "a", arrival=102.0)
+    # "a" is set level with "b" (10 tokens), not 990 tokens behind it; the tie goes to the
+    # tenant whose last turn is longer ago.
+    assert q.pop() == "a1"
+    assert drain(q) == [f"b{i}" for i in range(1, 5)]
+    # ... and a tenant that comes back to a waiting flood gets no credit for its absence:
+    for i in range(3):
+        tpush(q, f"f{i}", "flood", arrival=200.0 + i)
+    assert q.pop() == "f0"
+    q.charge("flood", 5)
+    tpush(q, "idle0", "idle", arrival=201.5)
+    tpush(q, "idle1", "idle", arrival=201.6)
+    assert q.pop() == "idle0"  # level with the flood, and its last turn is longer ago
+    q.charge("idle", 500)
+    assert q.pop() == "f1"  # now "idle" has been served more
+
+
+def test_fair_share_keeps_each_levels_places_so_aging_still_bounds_other_levels():
+    q = PriorityRequestQueue(max_size=100, aging_s=1.0)
+    tpush(q, "low-a", "a", Priority.LOW, arrival=0.0)  # the low level's place: 0 - 0
+    tpush(q, "normal", "c", Priority.NORMAL, arrival=1.5)  # its place: 1.5 - 1 = 0.5
+    tpush(q, "low-b", "b", Priority.LOW, arrival=1.0)  # place 1.0
+    q.charge("a", 50)
+    # "b" is less served, so it fills the low level's first place; "a" keeps the next low
+    # place (1.0) behind the normal request's 0.5: the normal request waits for one low
+    # request, as it would without tenants.
+    assert drain(q) == ["low-b", "normal", "low-a"]
+
+
+def test_pop_level_takes_fair_turns_too():
+    q = make_queue()
+    tpush(q, "a0", "a", Priority.URGENT, arrival=1.0)
+    tpush(q, "a1", "a", Priority.URGENT, arrival=1.1)
+    tpush(q, "b0", "b", Priority.URGENT, arrival=1.2)
+    q.charge("a", 5)
+    assert q.pop_level(Priority.URGENT) == "b0"
+    assert q.pop_level(Priority.URGENT) == "a0"
+
+
+def test_lone_tenant_is_fifo_like_no_tenant():
+    q = make_queue()
+    for i in range(5):
+        tpush(q, f"r{i}", "only", arrival=100.0 + i)
+        q.charge("only", 1000)
+    assert drain(q) == [f"r{i}" for i in range(5)]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_operations_with_tenants_keep_every_request_and_the_counts(seed):
+    rng = random.Random(seed)
+    q: PriorityRequestQueue[str] = PriorityRequestQueue(60, rng.choice([0.5, 5.0]))
+    waiting: dict[str, Priority] = {}
+    popped: list[str] = []
+    now = 0.0
+    for i in range(500):
+        now += rng.choice([0.0, 0.1, 1.0])
+        op = rng.random()
+        if op < 0.5 and len(waiting) < 60:
+            level = rng.choice(list(Priority))
+            q.push(f"r{i}", f"r{i}", level, now - rng.choice([0.0, 0.0, 5.0]),
+                   rng.choice(["a", "b", "c", None]))
+            waiting[f"r{i}"] = level
+        elif op < 0.7:
+            level = None if rng.random() < 0.8 else Priority.URGENT
+            peeked = q.peek(level)  # what the scheduler looks at before it takes
+            item = q.pop() if level is None else q.pop_level(level)
+            assert item == peeked
+            if item is not None:
+                popped.append(item)
+                del waiting[item]
+                q.charge(rng.choice(["a", "b", "c", None]), rng.randint(1, 50))
+        elif waiting:
+            victim = rng.choice(sorted(waiting))
+            assert q.remove(victim) == victim
+            del waiting[victim]
+        assert len(q) == len(waiting)
+        assert q.lengths() == {lv: sum(1 for v in waiting.values() if v is lv) for lv in Priority}
+    rest = drain(q)
+    assert sorted(rest) == sorted(waiting)
+    assert len(set(popped + rest)) == len(popped) + len(rest)  # nothing served twice

@@ -149,3 +149,27 @@ def test_new_request_id_unique():
     ids = [new_request_id() for _ in range(10_000)]
     assert all(i.startswith("req_") for i in ids)
     assert len(set(ids)) == len(ids)
+
+
+def test_token_window_counts_amounts(clock):
+    limiter = RateLimiter(100, clock=clock)
+    assert limiter.blocked_for("k") is None
+    limiter.add("k", 70)
+    clock.advance(10)
+    limiter.add("k", 40)
+    # 110 used: blocked until the first 70 leave the window (40 < 100 then).
+    assert limiter.blocked_for("k") == pytest.approx(50.0)
+    assert limiter.status("k") == (100, 0, pytest.approx(60.0))
+    clock.advance(50)
+    assert limiter.blocked_for("k") is None
+    assert limiter.status("k") == (100, 60, pytest.approx(10.0))
+    assert limiter.blocked_for("k", limit=0) is None  # 0: no limit
+
+
+def test_per_call_limit_overrides_the_default(clock):
+    limiter = RateLimiter(1, clock=clock)
+    assert limiter.check("a", limit=3) is None
+    assert limiter.check("a", limit=3) is None
+    assert limiter.check("a") is not None  # the default of 1 is already used up
+    assert limiter.check("a", limit=3) is None
+    assert limiter.check("a", limit=3) is not None

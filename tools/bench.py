@@ -11,6 +11,9 @@ Subcommands:
   hol       head-of-line blocking: while a few hostile requests (a conversation of very
             many messages) are being prepared, a short request goes out every so often;
             reports how long the short ones took and how the hostile ones ended.
+  fairness  time to first token of a key sending one request a second, alone and while
+            another key floods the queue with 40 requests at once (WiCore with API keys:
+            `--api-keys` with the two keys given to this command).
   compare   starts WiCore, then llama-cpp-python's own server, on the same GGUF with the
             same threads (one at a time, never both), runs concurrency 1 and 16 on each and
             the priority test on WiCore, prints a Markdown table and the ratios, and writes
@@ -278,9 +281,12 @@ def chat_body(
 async def stream_request(
     session: aiohttp.ClientSession, url: str, body: dict[str, Any], index: int,
     timeout_s: float, t0: float, on_first_token: Callable[[], None] | None = None,
+    api_key: str | None = None,
 ) -> RequestResult:
     """Send one streaming chat completion and time its content chunks; never raises."""
     headers = {"Accept": "text/event-stream"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
     if body.get("priority"):
         headers["X-Priority"] = str(body["priority"])
     res = RequestResult(index=index, start=time.perf_counter() - t0)
@@ -746,6 +752,71 @@ def multiturn_verdicts(rows: dict[str, dict[str, Any]]) -> list[tuple[str, bool]
                     ours["later_ttft_p50"] <= theirs["later_ttft_p50"]
                     and not ours["errors"] and not theirs["errors"]))
     return out
+
+
+@dataclass
+class FairnessConfig:
+    url: str
+    model: str
+    flood_key: str
+    polite_key: str
+    flood_requests: int = 40
+    probes: int = 6
+    interval_s: float = 1.0
+    max_tokens: int = 64
+    probe_max_tokens: int = 16
+    timeout_s: float = 300.0
+
+
+async def run_fairness(cfg: FairnessConfig) -> dict[str, Any]:
+    """The issue's measurement: a key sending one request a second keeps its TTFT near its
+    idle value while another key sends `flood_requests` at once (same priority). Give both
+    flags the same key for the baseline: one tenant, first come first served."""
+
+    async def probes(session: aiohttp.ClientSession, t0: float, first: int) -> list[float | None]:
+        out: list[float | None] = []
+        for n in range(cfg.probes):
+            body = chat_body(cfg.model, first + n, cfg.probe_max_tokens, None, None, False)
+            res = await stream_request(session, cfg.url, body, first + n, cfg.timeout_s, t0,
+                                       api_key=cfg.polite_key)
+            if res.error:
+                log.warning("probe failed: %s", res.error)
+            out.append(res.ttft)
+            await asyncio.sleep(max(0.0, cfg.interval_s - (res.ttft or 0.0)))
+        return out
+
+    async with _session() as session:
+        warm = chat_body(cfg.model, -1, WARMUP_MAX_TOKENS, None, None, False)
+        await stream_request(session, cfg.url, warm, -1, cfg.timeout_s, 0.0,
+                             api_key=cfg.polite_key)
+        t0 = time.perf_counter()
+        idle = await probes(session, t0, 2000)
+        # Lengths vary around max_tokens (see staggered()): slots free one by one, as in use.
+        flood = [asyncio.create_task(stream_request(
+            session, cfg.url,
+            chat_body(cfg.model, 3000 + i, staggered(cfg.max_tokens, i), None, None, False),
+            3000 + i, cfg.timeout_s, t0, api_key=cfg.flood_key))
+            for i in range(cfg.flood_requests)]
+        await asyncio.sleep(0.5)  # the flood is queued
+        loaded = await probes(session, t0, 4000)
+        flood_results = await asyncio.gather(*flood)
+
+    def median(values: list[float | None]) -> float | None:
+        ok = [v for v in values if v is not None]
+        return statistics.median(ok) if ok else None
+
+    flood_ttfts = [r.ttft for r in flood_results if r.ttft is not None]
+    return {
+        "url": cfg.url,
+        "idle_ttft": median(idle),
+        "flooded_ttft": median(loaded),
+        "flood_ttft_p50": percentile(flood_ttfts, 50),
+        "flood_ttft_max": max(flood_ttfts) if flood_ttfts else None,
+        "idle_probes": idle,
+        "flooded_probes": loaded,
+        "errors": sum(v is None for v in idle + loaded)
+        + sum(1 for r in flood_results if r.error),
+    }
 
 
 # --------------------------------------------------------------------------- servers
@@ -1409,6 +1480,17 @@ def build_parser() -> argparse.ArgumentParser:
     hol.add_argument("--timeout", type=float, default=300.0)
     hol.add_argument("--json", metavar="OUT")
 
+    fair = sub.add_parser("fairness", help="a polite key's TTFT while another key floods")
+    fair.add_argument("--url", default="http://127.0.0.1:8000")
+    fair.add_argument("--model", required=True)
+    fair.add_argument("--flood-key", required=True, help="API key that sends the flood")
+    fair.add_argument("--polite-key", required=True, help="API key sending one a second")
+    fair.add_argument("--flood-requests", type=int, default=40)
+    fair.add_argument("--probes", type=int, default=6)
+    fair.add_argument("--max-tokens", type=int, default=64, help="of the flood's requests")
+    fair.add_argument("--timeout", type=float, default=300.0)
+    fair.add_argument("--json", metavar="OUT")
+
     cmp_ = sub.add_parser("compare", help="WiCore vs llama-cpp-python's server, same model")
     cmp_.add_argument("--model", required=True, help="GGUF file")
     cmp_.add_argument("--threads", type=int, default=0, help="default: physical cores")
@@ -1526,6 +1608,18 @@ def _dispatch(args: argparse.Namespace) -> int:
                  f"| {r['prefill_s'] / r['restore_s']:.0f}x |")
         _write_json(args.json, {"model": args.model, "rows": rows})
         return 0
+    if args.command == "fairness":
+        report = asyncio.run(run_fairness(FairnessConfig(
+            url=args.url, model=args.model, flood_key=args.flood_key,
+            polite_key=args.polite_key, flood_requests=args.flood_requests, probes=args.probes,
+            max_tokens=args.max_tokens, timeout_s=args.timeout,
+        )))
+        emit(f"polite key TTFT: alone {_fmt(report['idle_ttft'], 1000)} ms, during the flood "
+             f"{_fmt(report['flooded_ttft'], 1000)} ms; the flood's own TTFT p50 "
+             f"{_fmt(report['flood_ttft_p50'], 1000)} ms, max "
+             f"{_fmt(report['flood_ttft_max'], 1000)} ms; errors {report['errors']}")
+        _write_json(args.json, report)
+        return 1 if report["errors"] else 0
     return asyncio.run(compare(args))
 
 

@@ -10,6 +10,13 @@ produces means nothing, but it costs the same to run as a trained model of the s
     python tools/make_model.py --preset bench --out models/bench-gemma3-q8_0.gguf
     python tools/make_model.py --preset demo  --out /tmp/demo-f32.gguf --dtype f32
     python tools/make_model.py --preset demo-swa32 --out /tmp/swa32.gguf --dtype f32
+    python tools/make_model.py --preset gemma-3-27b --out /tmp/g27.gguf --dtype q4_k_m
+
+The ``gemma-3-27b`` preset is Gemma-3-27B-it's exact shape (808 tensors, the real vocabulary
+size, each tensor in the type a real file of that type has) written as a *sparse* file: header,
+metadata and tensor table are real, the 15-27 GiB of weights are a hole of zeros that takes no
+disk and no time to write. llama.cpp loads and runs it like the real model (its output is
+meaningless), so memory planning and serving can be tested at the real scale.
 
 Tests import :func:`write_model` from this file (``tools/`` is not a package).
 """
@@ -17,15 +24,15 @@ Tests import :func:`write_model` from this file (``tools/`` is not a package).
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
-
 import gguf
+import numpy as np
 
 log = logging.getLogger("make_model")
 
@@ -148,12 +155,28 @@ PRESETS: dict[str, Preset] = {
         head_dim=128, n_ff=4096, n_ctx_train=8192, sliding_window=512, swa_pattern=6,
         default_dtype="q8_0",
     ),
+    # google/gemma-3-27b-it's text model (its config.json): written sparse, see the module doc.
+    "gemma-3-27b": Preset(
+        name="gemma-3-27b", n_vocab=262144, n_embd=5376, n_layer=62, n_head=32, n_head_kv=16,
+        head_dim=128, n_ff=21504, n_ctx_train=131072, sliding_window=1024, swa_pattern=6,
+        default_dtype="q4_k_m",
+    ),
 }
+SPARSE_PRESETS = frozenset({"gemma-3-27b"})
 
 DTYPES = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+# Types of the sparse presets: each tensor gets the type a real file of that kind gives it.
+# q4_k_m and q8_0 follow llama.cpp's quantizer (wicore's port of its per-tensor choice, checked
+# against llama.cpp in tests/test_quantize.py); qat-q4_0 is Google's QAT release
+# (google/gemma-3-27b-it-qat-q4_0-gguf): every matrix Q4_0, the embedding table left F16.
+SPARSE_DTYPES = {
+    "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    "qat-q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
 }
 
 # Weight scales, tuned on the demo preset (they carry over to any width). The output is tied to
@@ -213,12 +236,12 @@ def build_vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
         for end in range(2, len(cap) + 1):
             add(SPACE + cap[:end])
         add(cap)
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    fillers = (
-        [a + b for a in letters for b in letters]
-        + [SPACE + a + b for a in letters for b in letters]
-        + [a + b + c for a in letters for b in letters for c in letters]
-        + [SPACE + a + b + c for a in letters for b in letters for c in letters]
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    # Letter pairs, then triples, then quadruples (Gemma 3's 262,144 pieces need those), each
+    # bare and after a space; a generator, so small vocabularies never build the long lists.
+    fillers = itertools.chain.from_iterable(
+        (prefix + "".join(combo) for combo in itertools.product(letters, repeat=n))
+        for n in (2, 3, 4) for prefix in ("", SPACE)
     )
     n_normal = n_vocab - len(tokens)
     for piece in fillers:
@@ -270,6 +293,50 @@ def _make_weights(p: Preset, rng: np.random.Generator):
     yield "output_norm.weight", np.full(d, OUTPUT_NORM_WEIGHT, dtype=np.float32)
 
 
+def _add_metadata(w: gguf.GGUFWriter, p: Preset, ftype: int, *, is_quantized: bool) -> None:
+    """Everything but the tensors: hyperparameters, vocabulary, chat template."""
+    if p.name in SPARSE_PRESETS:
+        w.add_name(f"{p.name}-sparse")
+        w.add_description("Gemma 3 shaped model whose weights are all zero (a sparse file)")
+    else:
+        w.add_name(f"gemma-3-{p.name}-random")
+        w.add_description("Random-weight Gemma 3 shaped model for tests and benchmarks")
+    w.add_file_type(int(ftype))
+    if is_quantized:
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tokens, scores, types = build_vocab(p.n_vocab)
+
+    w.add_context_length(p.n_ctx_train)
+    w.add_embedding_length(p.n_embd)
+    w.add_block_count(p.n_layer)
+    w.add_feed_forward_length(p.n_ff)
+    w.add_head_count(p.n_head)
+    w.add_head_count_kv(p.n_head_kv)
+    w.add_key_length(p.head_dim)
+    w.add_value_length(p.head_dim)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(ROPE_FREQ_BASE)
+    if p.sliding_window:
+        w.add_sliding_window(p.sliding_window)
+        w.add_sliding_window_pattern(p.swa_pattern)
+        w.add_rope_freq_base_swa(ROPE_FREQ_BASE_SWA)
+
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(BOS)
+    w.add_eos_token_id(EOS)
+    w.add_unk_token_id(UNK)
+    w.add_pad_token_id(PAD)
+    w.add_eot_token_id(END_OF_TURN)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(False)
+    w.add_chat_template(GEMMA3_CHAT_TEMPLATE)
+
+
 def write_model(
     out_path: str | os.PathLike[str],
     preset: str = "demo",
@@ -277,6 +344,8 @@ def write_model(
     seed: int = 0,
 ) -> Path:
     """Write the model to out_path (atomically) and return the path."""
+    if preset in SPARSE_PRESETS:
+        return write_sparse_model(out_path, preset, dtype)
     p = PRESETS[preset]
     dtype = dtype or p.default_dtype
     if dtype not in DTYPES:
@@ -285,49 +354,13 @@ def write_model(
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    tokens, scores, types = build_vocab(p.n_vocab)
-
     fd, tmp_name = tempfile.mkstemp(prefix=f"{out.name}.tmp", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         w = gguf.GGUFWriter(tmp, ARCH)
-        w.add_name(f"gemma-3-{p.name}-random")
-        w.add_description("Random-weight Gemma 3 shaped model for tests and benchmarks")
-        w.add_file_type(int(ftype))
-        if qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-        w.add_context_length(p.n_ctx_train)
-        w.add_embedding_length(p.n_embd)
-        w.add_block_count(p.n_layer)
-        w.add_feed_forward_length(p.n_ff)
-        w.add_head_count(p.n_head)
-        w.add_head_count_kv(p.n_head_kv)
-        w.add_key_length(p.head_dim)
-        w.add_value_length(p.head_dim)
-        w.add_layer_norm_rms_eps(1e-6)
-        w.add_rope_freq_base(ROPE_FREQ_BASE)
-        if p.sliding_window:
-            w.add_sliding_window(p.sliding_window)
-            w.add_sliding_window_pattern(p.swa_pattern)
-            w.add_rope_freq_base_swa(ROPE_FREQ_BASE_SWA)
-
-        w.add_tokenizer_model("llama")
-        w.add_tokenizer_pre("default")
-        w.add_token_list(tokens)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-        w.add_bos_token_id(BOS)
-        w.add_eos_token_id(EOS)
-        w.add_unk_token_id(UNK)
-        w.add_pad_token_id(PAD)
-        w.add_eot_token_id(END_OF_TURN)
-        w.add_add_bos_token(True)
-        w.add_add_eos_token(False)
-        w.add_add_space_prefix(False)
-        w.add_chat_template(GEMMA3_CHAT_TEMPLATE)
-
+        _add_metadata(w, p, ftype, is_quantized=qtype not in (gguf.GGMLQuantizationType.F32,
+                                                              gguf.GGMLQuantizationType.F16))
         rng = np.random.default_rng(seed)
         for name, arr in _make_weights(p, rng):
             if arr.ndim == 1:
@@ -351,12 +384,104 @@ def write_model(
     return out
 
 
+def tensor_shapes(p: Preset):
+    """Yield (name, numpy shape) of every tensor, in the order `_make_weights` writes them."""
+    d, hd = p.n_embd, p.head_dim
+    yield "token_embd.weight", (p.n_vocab, d)
+    for i in range(p.n_layer):
+        b = f"blk.{i}."
+        yield b + "attn_norm.weight", (d,)
+        yield b + "attn_q.weight", (p.n_head * hd, d)
+        yield b + "attn_k.weight", (p.n_head_kv * hd, d)
+        yield b + "attn_v.weight", (p.n_head_kv * hd, d)
+        yield b + "attn_q_norm.weight", (hd,)
+        yield b + "attn_k_norm.weight", (hd,)
+        yield b + "attn_output.weight", (d, p.n_head * hd)
+        yield b + "post_attention_norm.weight", (d,)
+        yield b + "ffn_norm.weight", (d,)
+        yield b + "ffn_gate.weight", (p.n_ff, d)
+        yield b + "ffn_up.weight", (p.n_ff, d)
+        yield b + "ffn_down.weight", (d, p.n_ff)
+        yield b + "post_ffw_norm.weight", (d,)
+    yield "output_norm.weight", (d,)
+
+
+def sparse_tensor_types(p: Preset, dtype: str) -> dict[str, str]:
+    """Each tensor's ggml type in a real file of kind `dtype` (see SPARSE_DTYPES)."""
+    shapes = dict(tensor_shapes(p))
+    if dtype == "qat-q4_0":
+        return {name: "F32" if len(shape) == 1 else "F16" if name == "token_embd.weight"
+                else "Q4_0" for name, shape in shapes.items()}
+    # What llama.cpp's quantizer makes of the BF16 release (1-D norms are F32 there).
+    from wicore_cpp.gguf_file import GGUFFile, GGUFTensor, ggml_row_bytes
+    from wicore_cpp.quantize.plan import plan_quantization
+
+    tensors = []
+    for name, shape in shapes.items():
+        ggml_shape = tuple(reversed(shape))
+        n = int(np.prod(shape))
+        src = "F32" if len(shape) == 1 else "BF16"
+        tensors.append(GGUFTensor(name, src, ggml_shape, n, ggml_row_bytes(src, n)))
+    source = GGUFFile(Path(f"{p.name}-bf16.gguf"), ARCH, size_bytes=0, header_bytes=0,
+                      alignment=32, context_length=p.n_ctx_train, n_layer=p.n_layer,
+                      n_head=p.n_head, n_head_kv=p.n_head_kv, n_expert=0, tensors=tuple(tensors))
+    type_name, main_format = {"q4_k_m": ("Q4_K_M", "Q4_K"), "q8_0": ("Q8_0", "Q8_0")}[dtype]
+    plan = plan_quantization(source, type_name, main_format)
+    return {t.name: t.dst_type for t in plan.tensors}
+
+
+def write_sparse_model(out_path: str | os.PathLike[str], preset: str = "gemma-3-27b",
+                       dtype: str | None = None) -> Path:
+    """Write a sparse model: real header and tensor table, weights a hole of zeros.
+
+    Zeros are valid data in every ggml type (scales of 0), so llama.cpp loads and runs it; the
+    file takes a few MB of disk whatever its size.
+    """
+    from wicore_cpp.gguf_file import ggml_row_bytes
+
+    p = PRESETS[preset]
+    dtype = dtype or p.default_dtype
+    if dtype not in SPARSE_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(SPARSE_DTYPES)}, not {dtype!r}")
+    types = sparse_tensor_types(p, dtype)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{out.name}.tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        w = gguf.GGUFWriter(tmp, ARCH)
+        _add_metadata(w, p, SPARSE_DTYPES[dtype], is_quantized=True)
+        alignment = w.data_alignment
+        data_bytes = 0
+        for name, shape in tensor_shapes(p):
+            ggml_type = types[name]
+            nbytes = ggml_row_bytes(ggml_type, int(np.prod(shape)))
+            w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes,
+                              raw_dtype=gguf.GGMLQuantizationType[ggml_type])
+            data_bytes += gguf.GGUFWriter.ggml_pad(nbytes, alignment)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        w.close()
+        with tmp.open("r+b") as f:
+            header = f.seek(0, os.SEEK_END)
+            f.truncate(gguf.GGUFWriter.ggml_pad(header, alignment) + data_bytes)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     parser.add_argument("--out", required=True, help="path of the GGUF file to write")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="weight type (default: f16 for demo, q8_0 for bench)")
+    parser.add_argument("--dtype", choices=sorted({*DTYPES, *SPARSE_DTYPES}), default=None,
+                        help="weight type (default: f16 for demo, q8_0 for bench, q4_k_m for "
+                        "gemma-3-27b; q4_k_m and qat-q4_0 only for gemma-3-27b)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 

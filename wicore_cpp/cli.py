@@ -27,12 +27,19 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.json and not args.dry_run:
+        print("wicore serve: --json goes with --dry-run", file=sys.stderr)  # noqa: T201
+        return 2
     flags: dict[str, Any] = {name: getattr(args, name) for name in Config.model_fields}
     try:
         config = load_config(args.config, flags=flags)
     except ConfigError as exc:
         print(f"wicore serve: {exc}", file=sys.stderr)  # noqa: T201 - CLI output, not library
         return 2
+    if args.dry_run:
+        from wicore_cpp.server import dry_run
+
+        return dry_run(config, args.json)
     from wicore_cpp.server import run_server
 
     return run_server(config)
@@ -51,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible API")
     _add_config_flags(serve)
+    serve.add_argument("--dry-run", action="store_true",
+                       help="print the memory plan (devices, weights, KV cache, compute; the "
+                       "settings fitted) and exit: 0 if it fits, 2 if not")
+    serve.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
     serve.set_defaults(func=_serve)
 
     quantize = sub.add_parser("quantize", help="quantize a GGUF model")

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from wicore_cpp.errors import ModelFileError
 
@@ -22,6 +30,19 @@ REAL_MODEL_ID = "gemma-3-27b-it"
 REAL_MODEL_FILE = "gemma-3-27b-it-Q4_K_M.gguf"
 DEMO_MODEL_ID = "gemma-3-demo"
 DEMO_MODEL_FILE = "gemma-3-demo.gguf"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# The API document's config file has a `logging` section; its keys map onto these settings.
+LOGGING_SECTION = {
+    "level": "log_level",
+    "enable_request_logging": "log_requests",
+    "enable_performance_logging": "log_performance",
+    "performance_interval_s": "performance_log_interval_s",
+    "format": "log_format",
+    "llama_level": "llama_log_level",
+}
+# The KV pool a worker gets when ctx_size is left to the start-up fit and memory allows it.
+DEFAULT_CTX_SIZE = 32768
+GiB = 1 << 30
 
 
 def resolve_threads(threads: int) -> int:
@@ -76,11 +97,28 @@ class Config(BaseModel):
         description="GPU per worker, round-robin (CUDA_VISIBLE_DEVICES); empty: all visible.",
     )
     n_gpu_layers: int = Field(
-        -1, ge=-1, description="Layers offloaded to the GPU; -1: all when the build can offload."
+        -1, ge=-1, description="Layers offloaded to the GPU; -1: all when the build can offload. "
+        "Left unset, fewer are offloaded when nothing else makes the model fit.",
     )
     ctx_size: int = Field(
         0, ge=0, description="KV cache pool in tokens, shared by all of a worker's sequences; "
-        "0: 32768.",
+        "0: fitted at start-up, the largest up to 32768 that fits the free memory.",
+    )
+    ctx_size_min: int = Field(
+        4096, ge=256, description="The smallest ctx_size the start-up fit may choose; below it, "
+        "fewer sequences (an unset max_batch_size), then fewer offloaded layers.",
+    )
+    kv_cache_type: Literal["f16", "q8_0", "q4_0"] = Field(
+        "f16", description="KV cache type: f16, q8_0 (half the memory of f16) or q4_0 (under a "
+        "third); quantized types need flash attention (auto turns it on).",
+    )
+    memory_margin: ByteSize = Field(
+        ByteSize(GiB), description="Memory the start-up fit leaves free on each device, "
+        "e.g. 1GiB or 512MiB.",
+    )
+    memory_budget: ByteSize | None = Field(
+        None, description="Plan for this much memory on each device the model uses instead of "
+        "the free memory detected, e.g. 24GiB.",
     )
     threads: int = Field(0, ge=0, description="CPU threads per worker; 0: physical cores.")
     flash_attn: Literal["auto", "on", "off"] = Field(
@@ -170,6 +208,46 @@ class Config(BaseModel):
     max_connections: int = Field(
         512, ge=1, description="Open client connections; one more is answered 503 and closed.",
     )
+    # -- operating it: keys, limits, metrics, logs, browsers --------------------------------
+    api_keys: str | None = Field(
+        None, description="JSON file of API keys (names, priority tiers, limits, quotas); "
+        "unset: no key is needed.",
+    )
+    admin_only_monitoring: bool = Field(
+        False, description="With api_keys: /status and /metrics need a key marked admin.",
+    )
+    rate_limit_tokens_per_minute: int = Field(
+        0, ge=0, description="Tokens (prompt + completion) a minute per client address, or per "
+        "key without its own limit; 0 turns the limit off.",
+    )
+    data_dir: str = Field(
+        "data", description="Folder for state that survives a restart (API keys' quota use).",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Browser origins allowed to call the API "
+        "(CORS), e.g. [\"https://app.example\"]; [\"*\"]: any; empty: off.",
+    )
+    log_requests: bool = Field(False, description="One log line per request when it ends.")
+    log_performance: bool = Field(
+        False, description="A performance line every performance_log_interval_s while busy.",
+    )
+    performance_log_interval_s: float = Field(
+        10.0, gt=0, description="Seconds between performance lines.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text, or json (one object a line, for log shippers).",
+    )
+    llama_log_level: str = Field(
+        "WARNING", description="Level of llama.cpp's own output (model loading): DEBUG, INFO, "
+        "WARNING or ERROR.",
+    )
+
+    @field_validator("llama_log_level")
+    @classmethod
+    def _check_llama_log_level(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"must be DEBUG, INFO, WARNING or ERROR, not {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -185,7 +263,17 @@ class Config(BaseModel):
         if self.num_seq_ids > 256:
             raise ValueError("max_batch_size + urgent_slots + prompt_cache_seqs cannot exceed "
                              "256 (llama.cpp's sequence limit)")
+        if self.kv_cache_type != "f16" and self.flash_attn == "off":
+            # llama.cpp stores a quantized V cache only with flash attention (it refuses the
+            # context otherwise); K and V share one setting here.
+            raise ValueError(f"kv_cache_type {self.kv_cache_type} needs flash attention: "
+                             "set flash_attn to auto or on, or kv_cache_type to f16")
         return self
+
+    def is_set(self, name: str) -> bool:
+        """Whether a setting was given (file, environment or flag) rather than defaulted; the
+        start-up fit changes only settings that were not."""
+        return name in self.model_fields_set
 
     @property
     def num_seq_ids(self) -> int:
@@ -244,6 +332,26 @@ def _parse_structured(name: str, raw: str, annotation: Any) -> Any:
     return raw
 
 
+def _flatten_logging_section(data: dict[str, Any]) -> dict[str, Any]:
+    """The API document's `{"logging": {"level": ..., "enable_request_logging": ...}}`
+    mapped onto the flat settings (`log_level`, `log_requests`, ...)."""
+    section = data.get("logging")
+    if section is None:
+        return data
+    if not isinstance(section, dict):
+        raise ConfigError("logging: expected a JSON object")
+    out = {k: v for k, v in data.items() if k != "logging"}
+    for key, value in section.items():
+        name = LOGGING_SECTION.get(key)
+        if name is None:
+            known = ", ".join(LOGGING_SECTION)
+            raise ConfigError(f"logging.{key}: unknown; expected one of {known}")
+        if name in out:
+            raise ConfigError(f"logging.{key} and {name} both set; keep one")
+        out[name] = value
+    return out
+
+
 def load_config(
     config_file: str | os.PathLike[str] | None = None,
     environ: dict[str, str] | None = None,
@@ -260,7 +368,7 @@ def load_config(
             raise ConfigError(f"cannot read config file {config_file}: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {config_file} must hold a JSON object")
-        merged.update(data)
+        merged.update(_flatten_logging_section(data))
     merged.update(_env_overrides(environ))
     for name, value in (flags or {}).items():
         if value is None:

@@ -96,6 +96,30 @@ class RateLimited(WicoreError):
     type = "rate_limit_exceeded"
 
 
+class QuotaExceeded(WicoreError):
+    """An API key has used up its token quota (OpenAI's `insufficient_quota`); no retry helps."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class InvalidApiKey(WicoreError):
+    """No API key, or one that is not known (OpenAI's 401 `invalid_api_key`)."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(WicoreError):
+    """A valid API key asking for what only admin keys may see."""
+
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
 class ServiceUnavailable(WicoreError):
     """No worker can take the request: loading, all dead, or the server is draining."""
 

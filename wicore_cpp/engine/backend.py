@@ -28,6 +28,8 @@ from wicore_cpp.engine.messages import SamplingParams
 
 _RANDOM_SEED = 0xFFFFFFFF
 _FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+# kv_cache_type -> ggml_type for llama.cpp's type_k / type_v (ggml/include/ggml.h).
+KV_CACHE_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
 
 
 class BackendError(RuntimeError):
@@ -377,12 +379,17 @@ class BatchContext:
     """One llama.cpp context whose unified KV pool is shared by up to `n_seq_max` sequences."""
 
     def __init__(self, model: Model, *, n_ctx: int, n_batch: int, n_seq_max: int, threads: int,
-                 flash_attn: str = "auto"):
+                 flash_attn: str = "auto", kv_cache_type: str = "f16"):
         params = lc.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_ubatch = n_batch
         params.n_seq_max = n_seq_max
+        # A step asks for logits of at most one token per sequence, so llama.cpp reserves
+        # logits rows for n_seq_max outputs instead of n_batch: with Gemma 3's 262,144-token
+        # vocabulary that is 17 rows of 1 MiB instead of 512 in the compute buffer. `add`
+        # refuses more (llama.cpp would abort the process on it).
+        params.n_outputs_max = n_seq_max
         params.kv_unified = True
         # llama.cpp defaults to a full-size sliding-window cache; Gemma 3 has 5 of 6 layers
         # windowed, so a window-sized one (window x sequences) cuts its KV memory several-fold.
@@ -390,7 +397,11 @@ class BatchContext:
         params.n_threads = threads
         params.n_threads_batch = threads
         params.no_perf = True
-        params.flash_attn_type = _FLASH_ATTN[flash_attn]
+        # A quantized V cache exists in llama.cpp only with flash attention; config.py refuses
+        # flash_attn "off" with one, and "auto" is made "on" here so that the context either
+        # has flash attention or fails to load, never falls back to an unusable cache.
+        params.flash_attn_type = _FLASH_ATTN["on" if kv_cache_type != "f16" else flash_attn]
+        params.type_k = params.type_v = KV_CACHE_TYPES[kv_cache_type]
         self.ptr = lc.llama_init_from_model(model.ptr, params)
         if not self.ptr:
             reason = model.llama_log.last_error or "out of memory?"
@@ -401,9 +412,11 @@ class BatchContext:
         self.memory = lc.llama_get_memory(self.ptr)
         self._batch = lc.llama_batch_init(n_batch, 0, 1)
         self._n = 0
+        self._n_outputs = 0
 
     def clear_batch(self) -> None:
         self._n = 0
+        self._n_outputs = 0
 
     def add(self, token: int, pos: int, seq_id: int, logits: bool) -> int:
         """Append one token to the next decode; returns its batch index (for sampling)."""
@@ -412,6 +425,10 @@ class BatchContext:
             raise BackendError("batch overflow")  # a scheduling bug; never abort in C
         if not 0 <= seq_id < self.n_seq_max:
             raise BackendError(f"seq_id {seq_id} out of range")
+        if logits:
+            if self._n_outputs >= self.n_seq_max:
+                raise BackendError("more logits in one step than sequences")  # see __init__
+            self._n_outputs += 1
         b = self._batch
         b.token[i] = token
         b.pos[i] = pos

@@ -18,11 +18,12 @@ import asyncio
 import dataclasses
 import enum
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from wicore_cpp.config import Config
+from wicore_cpp.config import DEMO_MODEL_ID, REAL_MODEL_FILE, REAL_MODEL_ID, Config
 from wicore_cpp.engine.messages import (
     GenerateRequest,
     PromptCacheStats,
@@ -40,7 +41,7 @@ from wicore_cpp.engine.request import (
 )
 from wicore_cpp.engine.scheduler import Scheduler
 from wicore_cpp.engine.schema_grammar import check_schema
-from wicore_cpp.engine.stats import EngineStats, WorkerStats
+from wicore_cpp.engine.stats import EngineObserver, EngineStats, RequestRecord, WorkerStats
 from wicore_cpp.engine.tokenizer import PromptJob, PromptTokenizer
 from wicore_cpp.engine.tool_calls import (
     ToolCall,
@@ -53,17 +54,20 @@ from wicore_cpp.engine.tool_calls import (
 from wicore_cpp.engine.workers import ModelFiles
 from wicore_cpp.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, excerpt
 from wicore_cpp.gguf_file import GGUFFile
+from wicore_cpp.logs import LogSettings
 
 __all__ = [
     "FINISH_TIMEOUT",
     "EngineClient",
     "EngineHealth",
+    "EngineObserver",
     "EngineStats",
     "Event",
     "Generation",
     "Priority",
     "PromptCacheStats",
     "RequestEnded",
+    "RequestRecord",
     "ResponseFormat",
     "SamplingParams",
     "ServedModel",
@@ -151,6 +155,13 @@ class Generation:
         first event has arrived)."""
         return self._tracked.num_cached_tokens
 
+    @property
+    def num_tokens_used(self) -> int:
+        """Tokens this request has cost so far: its prompt once a worker took it on, and
+        every token generated (also those a client that went away never read)."""
+        t = self._tracked
+        return (t.num_prompt_tokens if t.started is not None else 0) + t.num_tokens
+
     def __aiter__(self) -> Generation:
         return self
 
@@ -170,17 +181,21 @@ class EngineClient:
         config: Config,
         models: dict[str, GGUFFile],
         on_fatal: Callable[[str], None] | None = None,
+        observers: Sequence[EngineObserver] = (),
     ):
-        """`models` maps each served model id to its checked GGUF file."""
+        """`models` maps each served model id to its checked GGUF file; `observers` are told
+        about every request that ends and every decode step's token gaps."""
         self.config = config
         n_ctx = config.ctx_size or DEFAULT_CTX_SIZE
         self._scheduler = Scheduler(
             config,
             {mid: (ModelFiles(m.path, n_ctx), m.context_length) for mid, m in models.items()},
             on_fatal,
+            observers,
         )
         self._tokenizers = {
-            mid: PromptTokenizer(m.path, config.log_level, config.max_concurrent_requests)
+            mid: PromptTokenizer(m.path, LogSettings.from_config(config),
+                                 config.max_concurrent_requests)
             for mid, m in models.items()
         }
         self.n_ctx = n_ctx
@@ -218,7 +233,16 @@ class EngineClient:
         """The served model of that id (None: the default one). Raises ModelNotFound."""
         model = self.models.get(model_id or self.default_model_id)
         if model is None:
-            raise ModelNotFound(f"The model {excerpt(model_id)} does not exist", param="model")
+            message = f"The model {excerpt(model_id)} does not exist"
+            if model_id == REAL_MODEL_ID and list(self.models) == [DEMO_MODEL_ID]:
+                message = (
+                    f"The model '{REAL_MODEL_ID}' is not served here: this server runs only the "
+                    f"demo model '{DEMO_MODEL_ID}' (random weights) because "
+                    f"{self.config.models_dir}/{REAL_MODEL_FILE} was not found. Put the real "
+                    f"GGUF there (see models/README.md) and restart the server, or ask for "
+                    f"'{DEMO_MODEL_ID}'."
+                )
+            raise ModelNotFound(message, param="model")
         return model
 
     async def generate(
@@ -230,6 +254,7 @@ class EngineClient:
         *,
         tools: ToolSpec | None = None,
         response_format: ResponseFormat | None = None,
+        tenant: str | None = None,
     ) -> Generation:
         """Render and tokenize the conversation, check it fits, and queue it.
 
@@ -239,16 +264,18 @@ class EngineClient:
         a forced call (`required`, a named function) is held to its schema by a grammar, and
         so is a call the model starts by itself (`auto`). `response_format` holds the answer
         to JSON. `params.max_tokens` is what the client asked for; it is capped by the
-        context left after the prompt. Raises a WicoreError when the request cannot be
+        context left after the prompt. `tenant` (an API key's name) is whose fair share of
+        the queue the request takes. Raises a WicoreError when the request cannot be
         accepted.
         """
+        received = time.monotonic()
         model = self.model(model_id)
         self._check_params(params)
         self._scheduler.check_admission(model.model_id)
         turns = render_conversation(messages, tools)
         job = PromptJob(messages=turns, token_params=_bias_params(params),
                         **_constraint(tools, response_format))
-        return await self._submit(model, job, params, priority, "messages")
+        return await self._submit(model, job, params, priority, "messages", tenant, received)
 
     async def complete(
         self,
@@ -256,9 +283,13 @@ class EngineClient:
         prompt: str | list[int],
         params: SamplingParams,
         priority: Priority,
+        *,
+        tenant: str | None = None,
     ) -> Generation:
         """A plain completion of `prompt` (text, tokenized with the model's BOS; or token
-        ids, taken as they are), through the same queue, priorities and limits as chat."""
+        ids, taken as they are), through the same queue, priorities, limits and fair share
+        as chat."""
+        received = time.monotonic()
         model = self.model(model_id)
         self._check_params(params)
         self._scheduler.check_admission(model.model_id)
@@ -266,7 +297,7 @@ class EngineClient:
             job = PromptJob(text=prompt, token_params=_bias_params(params))
         else:
             job = PromptJob(token_ids=list(prompt), token_params=_bias_params(params))
-        return await self._submit(model, job, params, priority, "prompt")
+        return await self._submit(model, job, params, priority, "prompt", tenant, received)
 
     async def tokenize(self, model_id: str | None, text: str, *, add_special: bool = False,
                        parse_special: bool = True,
@@ -291,7 +322,8 @@ class EngineClient:
                                  param="top_logprobs")
 
     async def _submit(self, model: ServedModel, job: PromptJob, params: SamplingParams,
-                      priority: Priority, prompt_param: str) -> Generation:
+                      priority: Priority, prompt_param: str, tenant: str | None,
+                      received: float) -> Generation:
         tokenizer = self._tokenizers[model.model_id]
         limit = model.context_length
         # What cannot fit however it tokenizes is refused before the costly part.
@@ -327,7 +359,8 @@ class EngineClient:
             grammar_triggers=job.grammar_triggers if prepared.grammar else ())
         request_id = new_request_id()
         generate = GenerateRequest(request_id, prompt, params, int(priority))
-        tracked = self._scheduler.submit(model.model_id, generate, priority)
+        tracked = self._scheduler.submit(model.model_id, generate, priority, tenant,
+                                         received)
         log.debug("request %s: %d prompt tokens, max_tokens %d, n %d, priority %s%s",
                   request_id, len(prompt), params.max_tokens, n, priority.name.lower(),
                   ", constrained" if prepared.grammar else "")

@@ -21,8 +21,9 @@ log = logging.getLogger("wicore.llama")
 
 # ggml_log_level in this version (ggml/include/ggml.h).
 LEVEL_NONE, LEVEL_DEBUG, LEVEL_INFO, LEVEL_WARN, LEVEL_ERROR, LEVEL_CONT = 0, 1, 2, 3, 4, 5
-# llama.cpp's INFO is hundreds of load-time lines, so it goes to DEBUG.
-_LEVELS = {LEVEL_NONE: logging.DEBUG, LEVEL_DEBUG: logging.DEBUG, LEVEL_INFO: logging.DEBUG,
+# llama.cpp's INFO is hundreds of load-time lines; the `wicore.llama` logger has its own level
+# (`llama_log_level`, WARNING by default), so they show only when asked for.
+_LEVELS = {LEVEL_NONE: logging.DEBUG, LEVEL_DEBUG: logging.DEBUG, LEVEL_INFO: logging.INFO,
            LEVEL_WARN: logging.WARNING, LEVEL_ERROR: logging.ERROR}
 # llama.cpp warnings that do not apply to how WiCore uses it. "n_ctx_seq > n_ctx_train": with
 # a unified KV pool llama.cpp calls the whole pool one sequence's context, but the scheduler

@@ -42,6 +42,7 @@ except ImportError as exc:  # the setting exists without the extra: say which ex
 from wicore_cpp.config import Config
 from wicore_cpp.engine.worker import WorkerSpec, run_worker
 from wicore_cpp.engine.workers import WorkerHandle
+from wicore_cpp.logs import LogSettings, configure_logging
 
 log = logging.getLogger("wicore.ray")
 
@@ -99,10 +100,7 @@ class WorkerActor:
     def __init__(self, spec: WorkerSpec):
         self._commands = _Commands()
         self._results = _Results()
-        logging.basicConfig(
-            level=spec.config.log_level.upper(),
-            format=f"%(asctime)s %(levelname)s worker-{spec.worker_id} %(name)s: %(message)s",
-        )
+        configure_logging(LogSettings.from_config(spec.config), f"worker-{spec.worker_id}")
         threading.Thread(target=self._run, args=(spec,), name="wicore-worker-loop",
                          daemon=True).start()
 

@@ -69,11 +69,15 @@ class TrackedRequest:
     model_id: str
     generate: GenerateRequest
     priority: Priority
-    arrival: float
+    arrival: float  # monotonic, when it was queued
+    tenant: str | None = None  # the API key's name: fair share, figures, request log
+    received: float | None = None  # monotonic, when the engine was asked (before tokenizing)
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     state: RequestState = RequestState.QUEUED
     worker_id: int | None = None
     started: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
     num_tokens: int = 0
     open_choices: int = 0  # choices a worker still decodes (each holds a sequence slot)
     num_cached_tokens: int = 0  # prompt tokens its worker took from the prompt cache

@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from wicore_cpp.config import Config
@@ -33,7 +33,7 @@ from wicore_cpp.engine.request import (
     TokenDelta,
     TrackedRequest,
 )
-from wicore_cpp.engine.stats import EngineStats, RequestCounters
+from wicore_cpp.engine.stats import EngineObserver, EngineStats, RequestCounters, RequestRecord
 from wicore_cpp.engine.workers import ModelFiles, WorkerHandle, WorkerProcesses
 from wicore_cpp.errors import (
     GenerationFailed,
@@ -62,9 +62,12 @@ class Scheduler:
         config: Config,
         models: dict[str, tuple[ModelFiles, int]],
         on_fatal: Callable[[str], None] | None = None,
+        observers: Sequence[EngineObserver] = (),
     ):
-        """`models` maps a model id to its files and its trained context length."""
+        """`models` maps a model id to its files and its trained context length; `observers`
+        are told about every ended request and every step's token gaps."""
         self.config = config
+        self._observers = tuple(observers)
         self.queues: dict[str, ModelQueue] = {
             model_id: ModelQueue(
                 model_id,
@@ -137,13 +140,19 @@ class Scheduler:
                 retry_after=1,
             )
 
-    def submit(self, model_id: str, generate: GenerateRequest, priority: Priority) -> TrackedRequest:
-        """Accept a request or raise (503 unavailable, 429 full). Never blocks."""
+    def submit(self, model_id: str, generate: GenerateRequest, priority: Priority,
+               tenant: str | None = None, received: float | None = None) -> TrackedRequest:
+        """Accept a request or raise (503 unavailable, 429 full). Never blocks.
+
+        `tenant` (an API key's name) is who gets a fair share of the queue; `received` is when
+        the engine was asked (monotonic), for the request's figures.
+        """
         self.check_admission(model_id)
         now = time.monotonic()
-        req = TrackedRequest(generate.request_id, model_id, generate, priority, now)
+        req = TrackedRequest(generate.request_id, model_id, generate, priority, now, tenant,
+                             received if received is not None else now)
         try:
-            self.queues[model_id].queue.push(req.request_id, req, priority, now)
+            self.queues[model_id].queue.push(req.request_id, req, priority, now, tenant)
         except QueueFull:
             self._reject()
             raise RateLimited(
@@ -192,6 +201,28 @@ class Scheduler:
         self.counters.count_end(state, now - (req.started or now))
         req.events.put_nowait(event)
         del self._requests[req.request_id]
+        if self._observers:
+            self._tell_ended(req, event.finish_reason, now)
+
+    def _tell_ended(self, req: TrackedRequest, outcome: str, now: float) -> None:
+        received = req.received if req.received is not None else req.arrival
+        record = RequestRecord(
+            request_id=req.request_id,
+            model_id=req.model_id,
+            tenant=req.tenant,
+            priority=req.priority.name.lower(),
+            outcome=outcome,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_completion_tokens=req.num_tokens,
+            queue_s=None if req.started is None else req.started - req.arrival,
+            ttft_s=None if req.first_token_at is None else req.first_token_at - received,
+            total_s=now - received,
+        )
+        for observer in self._observers:
+            try:
+                observer.on_request_ended(record)
+            except Exception:
+                log.exception("observer %r failed on request %s", observer, req.request_id)
 
     def _worker(self, req: TrackedRequest) -> WorkerHandle | None:
         return next((w for w in self.workers.of_model(req.model_id)
@@ -230,6 +261,8 @@ class Scheduler:
             req.worker_id = worker.worker_id
             req.open_choices = req.num_choices
             worker.running[req.request_id] = req
+            # Fair share counts the prompt as served when a worker takes it on.
+            queue.charge(req.tenant, req.num_prompt_tokens)
             self.counters.dispatched += 1
             self.counters.wait_s += req.started - req.arrival
             log.debug("request %s (%s) to worker %d after %.3fs in the queue", req.request_id,
@@ -245,6 +278,9 @@ class Scheduler:
         self.counters.step_messages += 1
         if msg.cache is not None:
             self._on_cache_report(worker, msg.cache)
+        queue = self.queues[worker.model_id].queue
+        now = time.monotonic()
+        gaps: list[float] = []
         for request_id, index, text, token_ids, finish, error, logprobs in msg.updates:
             req = worker.running.get(request_id)
             if req is None:
@@ -261,6 +297,12 @@ class Scheduler:
             if token_ids or text or ended:
                 req.num_tokens += len(token_ids)
                 self.counters.tokens_generated += len(token_ids)
+                queue.charge(req.tenant, len(token_ids))
+                if req.last_token_at is None:
+                    req.first_token_at = now
+                elif req.last_token_at != now:  # one gap per request per step, whatever n
+                    gaps.append(now - req.last_token_at)
+                req.last_token_at = now
                 req.events.put_nowait(TokenDelta(text, token_ids, index, logprobs, ended))
             if finish == FINISH_ERROR:
                 log.error("request %s failed in worker %d: %s", request_id, worker.worker_id, error)
@@ -270,6 +312,12 @@ class Scheduler:
                 self._end(req, RequestState.CANCELLED, RequestEnded(FINISH_CANCELLED))
             elif ended is not None and req.open_choices <= 0:
                 self._end(req, RequestState.FINISHED, RequestEnded(ended))
+        if gaps:
+            for observer in self._observers:
+                try:
+                    observer.on_token_gaps(worker.model_id, gaps)
+                except Exception:
+                    log.exception("observer %r failed on a step", observer)
         self._dispatch(worker.model_id)
 
     def _on_cache_report(self, worker: WorkerHandle, report: CacheReport) -> None:
@@ -294,7 +342,7 @@ class Scheduler:
                 req.worker_id = None
                 req.num_cached_tokens = 0
                 try:
-                    queue.push(req.request_id, req, req.priority, req.arrival)
+                    queue.push(req.request_id, req, req.priority, req.arrival, req.tenant)
                     log.warning("request %s requeued after worker %d died",
                                 req.request_id, worker.worker_id)
                     continue
@@ -325,4 +373,5 @@ class Scheduler:
             num_running_sequences=sum(w.num_slots for w in workers),
             queued_by_priority=queued,
             workers=[w.stats() for w in workers],
+            worker_restarts=dict(self.workers.num_restarts),
         )

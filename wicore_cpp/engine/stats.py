@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from wicore_cpp.engine.messages import PromptCacheStats
 from wicore_cpp.engine.request import RequestState
@@ -54,6 +55,8 @@ class WorkerStats:
     visible_devices: str | None  # CUDA_VISIBLE_DEVICES as the worker sees it
     num_running: int
     node: str | None = None  # the Ray node it runs on; None for a local process
+    kv_cells: int = 0  # the worker's KV pool (0 until it is loaded)
+    kv_cells_used: int = 0  # held by its running sequences: prompt + generated tokens
     prompt_cache: PromptCacheStats = PromptCacheStats()
 
 
@@ -70,6 +73,7 @@ class EngineStats:
     num_running_sequences: int  # decode slots held, cancelled ones until the worker frees them
     queued_by_priority: dict[str, int]  # "low" .. "urgent" -> waiting requests
     workers: list[WorkerStats] = field(default_factory=list)
+    worker_restarts: dict[str, int] = field(default_factory=dict)  # model id -> restarts
 
     @property
     def prompt_cache(self) -> PromptCacheStats:
@@ -98,3 +102,41 @@ class EngineStats:
     def mean_wait_s(self) -> float:
         c = self.counters
         return c.wait_s / c.dispatched if c.dispatched else 0.0
+
+
+@dataclass(slots=True, frozen=True)
+class RequestRecord:
+    """The figures of one request that has ended, handed once to every observer.
+
+    Times are seconds: `queue_s` from queueing to a worker taking it, `ttft_s` and `total_s`
+    from the moment the engine was asked (before tokenizing) to the first token and to the
+    end. `queue_s` and `ttft_s` are None when the request never got that far.
+    """
+
+    request_id: str
+    model_id: str
+    tenant: str | None  # the API key's name; None when keys are off
+    priority: str  # the level it was queued at: "low" .. "urgent"
+    outcome: str  # finish reason: "stop", "length", "timeout", "error" or "cancelled"
+    num_prompt_tokens: int
+    num_completion_tokens: int
+    queue_s: float | None
+    ttft_s: float | None
+    total_s: float
+
+    @property
+    def was_started(self) -> bool:
+        return self.queue_s is not None
+
+
+class EngineObserver(Protocol):
+    """Told about requests and tokens as they happen, on the event loop (metrics, logs).
+
+    Calls are synchronous and must be quick; an observer that raises is logged and ignored.
+    """
+
+    def on_request_ended(self, record: RequestRecord) -> None: ...
+
+    def on_token_gaps(self, model_id: str, gaps_s: list[float]) -> None:
+        """One decode step's inter-token gaps: one per request that got tokens this step
+        and had had tokens before."""

@@ -41,6 +41,7 @@ from wicore_cpp.errors import (
     UnsupportedValue,
     WicoreError,
 )
+from wicore_cpp.logs import LogSettings, configure_logging
 
 log = logging.getLogger("wicore.tokenizer")
 
@@ -120,10 +121,9 @@ class _ChildState:
 _child: _ChildState | None = None
 
 
-def _child_init(model_path: str, log_level: str) -> None:
+def _child_init(model_path: str, log_settings: LogSettings) -> None:
     global _child
-    logging.basicConfig(level=log_level,
-                        format="%(asctime)s %(levelname)s tokenizer %(name)s: %(message)s")
+    configure_logging(log_settings, "tokenizer")
     from wicore_cpp.engine.backend import Model
     from wicore_cpp.engine.chat_template import ChatTemplate
 
@@ -268,10 +268,11 @@ def _child_info() -> HelperInfo:
 class _HelperLane:
     """One helper process and the requests waiting for it."""
 
-    def __init__(self, lane: Lane, model_path: Path, log_level: str, max_waiting: int):
+    def __init__(self, lane: Lane, model_path: Path, log_settings: LogSettings,
+                 max_waiting: int):
         self.lane = lane
         self._model_path = model_path
-        self._log_level = log_level
+        self._log_settings = log_settings
         self.max_waiting = max_waiting
         self.num_waiting = 0  # submitted and not yet answered, the one running included
         self.pid: int | None = None
@@ -282,7 +283,7 @@ class _HelperLane:
             max_workers=1,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_child_init,
-            initargs=(str(self._model_path), self._log_level.upper()),
+            initargs=(str(self._model_path), self._log_settings),
         )
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -321,9 +322,13 @@ class _HelperLane:
 class PromptTokenizer:
     """Front-end handle to the tokenizer helpers of one model."""
 
-    def __init__(self, model_path: Path, log_level: str = "INFO", max_waiting: int = 32):
-        """`max_waiting`: prompts one lane holds (running and waiting) before it answers 429."""
-        self._lanes = {lane: _HelperLane(lane, model_path, log_level, max_waiting)
+    def __init__(self, model_path: Path, log_settings: LogSettings | str | None = None,
+                 max_waiting: int = 32):
+        """`log_settings`: the helpers' logging (a level name alone will do);
+        `max_waiting`: prompts one lane holds (running and waiting) before it answers 429."""
+        if not isinstance(log_settings, LogSettings):
+            log_settings = LogSettings(level=(log_settings or "INFO").upper())
+        self._lanes = {lane: _HelperLane(lane, model_path, log_settings, max_waiting)
                        for lane in Lane}
         self._started: asyncio.Task[PromptBounds] | None = None
 

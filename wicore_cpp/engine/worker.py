@@ -26,6 +26,7 @@ from wicore_cpp.engine.messages import (
     WorkerFailed,
     WorkerReady,
 )
+from wicore_cpp.logs import LogSettings, configure_logging
 
 log = logging.getLogger("wicore.worker")
 
@@ -50,10 +51,7 @@ def worker_main(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) ->
     if spec.gpu_id is not None:
         # Before llama_cpp is imported: CUDA reads it once, at initialisation.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(spec.gpu_id)
-    logging.basicConfig(
-        level=spec.config.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s worker-{spec.worker_id} %(name)s: %(message)s",
-    )
+    configure_logging(LogSettings.from_config(spec.config), f"worker-{spec.worker_id}")
     try:
         run_worker(spec, cmd_conn, evt_conn)
     except (EOFError, BrokenPipeError, ConnectionResetError):
@@ -81,14 +79,16 @@ def run_worker(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> 
             n_seq_max=config.num_seq_ids,
             threads=threads,
             flash_attn=config.flash_attn,
+            kv_cache_type=config.kv_cache_type,
         )
     except BackendError as exc:
         evt_conn.send(WorkerFailed(spec.worker_id, str(exc)))
         return
     load_s = time.monotonic() - started
     log.info(
-        "loaded %s in %.1fs (n_ctx=%d, batch=%d, gpu offload=%s, layers=%s)",
-        spec.model_path.name, load_s, ctx.n_ctx, config.max_batch_size, offload,
+        "loaded %s in %.1fs (n_ctx=%d, batch=%d, kv cache %s, gpu offload=%s, layers=%s)",
+        spec.model_path.name, load_s, ctx.n_ctx, config.max_batch_size, config.kv_cache_type,
+        offload,
         min(n_gpu_layers, model.info.n_layer) if offload else 0,
     )
     evt_conn.send(

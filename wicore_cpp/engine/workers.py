@@ -59,6 +59,7 @@ class WorkerHandle:
         self.is_ready = False
         self.gpu_offload = False
         self.visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES as the worker sees it
+        self.n_ctx = 0  # its KV pool in cells, once loaded
         self.node: str | None = None  # where it runs, when that is not this machine
         self.running: dict[str, TrackedRequest] = {}  # requests holding a decode slot
         # What its prompt cache holds, as it last reported (gone with the worker).
@@ -105,9 +106,11 @@ class WorkerHandle:
         """Release what the front end holds for this worker, after it exited or was killed."""
 
     def stats(self) -> WorkerStats:
+        # A running sequence holds a KV cell per token it has: its prompt and what it generated.
+        kv_used = sum(r.num_prompt_tokens + r.num_tokens for r in self.running.values())
         return WorkerStats(self.worker_id, self.model_id, self.pid, self.is_ready, self.gpu_id,
                            self.gpu_offload, self.visible_devices, self.num_slots, self.node,
-                           self.prompt_cache)
+                           self.n_ctx, kv_used, self.prompt_cache)
 
 
 class ProcessWorker(WorkerHandle):
@@ -200,6 +203,18 @@ def make_launcher(config: Config) -> WorkerLauncher:
     return RayLauncher(config)
 
 
+def _where_it_runs(msg: WorkerReady) -> str:
+    """GPU offload (layers, device) or, clearly, the CPU and why."""
+    if msg.gpu_offload and msg.n_gpu_layers > 0:
+        device = (f"CUDA_VISIBLE_DEVICES={msg.visible_devices}" if msg.visible_devices is not None
+                  else "every visible GPU")
+        return f"{msg.n_gpu_layers} layers offloaded to the GPU ({device})"
+    if not msg.gpu_offload:
+        return ("running on the CPU: this llama.cpp build has no GPU backend "
+                "(`make install-cuda` rebuilds it with CUDA)")
+    return "running on the CPU: n_gpu_layers is 0"
+
+
 class WorkerListener(Protocol):
     """What the worker processes tell their owner, always on the event loop."""
 
@@ -228,6 +243,7 @@ class WorkerProcesses:
         self._workers: dict[str, list[WorkerHandle]] = {model_id: [] for model_id in models}
         self._load_failures = dict.fromkeys(models, 0)
         self._launcher: WorkerLauncher | None = None
+        self.num_restarts = dict.fromkeys(models, 0)  # workers started again after dying
         self._next_worker_id = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._is_stopped = False
@@ -311,9 +327,10 @@ class WorkerProcesses:
             worker.is_ready = True
             worker.gpu_offload = msg.gpu_offload
             worker.visible_devices = msg.visible_devices
+            worker.n_ctx = msg.n_ctx
             self._load_failures[worker.model_id] = 0
-            log.info("worker %d ready in %.1fs (n_ctx=%d, gpu offload=%s, gpu layers=%d)",
-                     msg.worker_id, msg.load_seconds, msg.n_ctx, msg.gpu_offload, msg.n_gpu_layers)
+            log.info("worker %d ready in %.1fs: %s; KV pool %d cells", msg.worker_id,
+                     msg.load_seconds, _where_it_runs(msg), msg.n_ctx)
             self._listener.on_worker_ready(worker)
         elif isinstance(msg, WorkerFailed):
             log.error("worker %d could not load %s: %s", msg.worker_id,
@@ -337,4 +354,5 @@ class WorkerProcesses:
         if self._load_failures[worker.model_id] >= MAX_LOAD_FAILURES:
             self._on_fatal(f"workers for {worker.model_id} keep failing to start")
             return
+        self.num_restarts[worker.model_id] += 1
         self._spawn(worker.model_id, worker.gpu_id)

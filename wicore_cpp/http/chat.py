@@ -53,10 +53,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     max_tokens = chat.requested_max_tokens(request.app[STATE].config.default_max_tokens)
     tools = chat.tool_spec()
 
-    def submit(engine, priority):
+    def submit(engine, priority, tenant):
         return engine.generate(chat.model, chat.engine_messages(),
                                chat.to_sampling_params(max_tokens), priority,
-                               tools=tools, response_format=chat.output_format())
+                               tools=tools, response_format=chat.output_format(), tenant=tenant)
 
     async with generation(request, chat.priority, submit) as gen:
         choices = [_Choice(i, tools, chat.logprobs) for i in range(gen.num_choices)]

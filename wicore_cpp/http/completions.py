@@ -42,8 +42,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     req = parse_completion_request(await request.read())
     params = req.to_sampling_params(request.app[STATE].config.default_max_tokens)
 
-    def submit(engine, priority):
-        return engine.complete(req.model, req.prompt, params, priority)
+    def submit(engine, priority, tenant):
+        return engine.complete(req.model, req.prompt, params, priority, tenant=tenant)
 
     async with generation(request, req.priority, submit) as gen:
         echo = ""

@@ -15,13 +15,15 @@ from aiohttp import web
 
 from wicore_cpp.engine.client import EngineClient, Generation, Priority
 from wicore_cpp.errors import InvalidRequest
+from wicore_cpp.http.keys import Caller
 from wicore_cpp.http.openapi import Header
 from wicore_cpp.http.protocol import PRIORITY_PATTERN
-from wicore_cpp.http.state import STATE
+from wicore_cpp.http.state import CALLER, GENERATION, PRIORITY_CEILING, STATE
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# Submits one request to the engine at the priority resolved here.
-Submit = Callable[[EngineClient, Priority], Awaitable[Generation]]
+# Submits one request to the engine at the priority resolved here, for the tenant (the API
+# key's name, None with keys off) whose fair share it takes.
+Submit = Callable[[EngineClient, Priority, str | None], Awaitable[Generation]]
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -37,7 +39,7 @@ PRIORITY_HEADER = Header(
 
 
 def generating(handler: Handler) -> Handler:
-    """Mark a route handler as one that generates (rate limited, API keys later)."""
+    """Mark a route handler as one that generates (per-caller limits and quotas apply)."""
     handler.is_generating = True  # type: ignore[attr-defined]
     return handler
 
@@ -46,11 +48,12 @@ def is_generating(request: web.Request) -> bool:
     return getattr(request.match_info.handler, "is_generating", False)
 
 
-def resolve_priority(body_value: str | None, header_value: str | None) -> Priority:
-    """Body field `priority` wins over header `X-Priority`; default normal."""
+def resolve_priority(body_value: str | None, header_value: str | None,
+                     default: Priority | None = Priority.NORMAL) -> Priority | None:
+    """Body field `priority` wins over header `X-Priority`; `default` when neither is sent."""
     value = body_value if body_value is not None else header_value
     if value is None:
-        return Priority.NORMAL
+        return default
     try:
         return Priority.parse(value)
     except ValueError as exc:
@@ -64,14 +67,23 @@ async def generation(
     body_priority: str | None,
     submit: Submit,
 ) -> AsyncIterator[Generation]:
-    """Submit to the engine; on leaving, abort the request if it has not ended."""
-    engine = request.app[STATE].engine
-    priority = resolve_priority(body_priority, request.headers.get("X-Priority"))
-    gen = await submit(engine, priority)
+    """Submit to the engine at the priority the caller's key grants, in the key's fair share;
+    on leaving, abort the request if it has not ended and charge the caller for the tokens
+    it cost."""
+    state = request.app[STATE]
+    engine = state.engine
+    caller: Caller = request.get(CALLER) or Caller(None, request.remote or "unknown")
+    asked = resolve_priority(body_priority, request.headers.get("X-Priority"), default=None)
+    priority, capped = caller.grant(asked)
+    if capped:
+        request[PRIORITY_CEILING] = priority.name.lower()
+    gen = await submit(engine, priority, caller.tenant)
+    request[GENERATION] = gen
     try:
         yield gen
     finally:
-        engine.abort(gen.request_id)
+        state.engine.abort(gen.request_id)
+        state.limits.charge(caller, gen.num_tokens_used)
 
 
 def request_id_header(gen: Generation) -> dict[str, str]:

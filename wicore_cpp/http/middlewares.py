@@ -1,7 +1,8 @@
-"""Middlewares: the one error middleware, and the per-client rate limit in front of generation.
+"""Middlewares: the one error middleware, the API-key check, and the per-caller limits in
+front of generation; plus the headers every response carries about those limits.
 
-The rate limit sits here rather than in a handler so that every generating endpoint gets it
-the same way, and so that an API-key check has an obvious place beside it.
+Limits sit here rather than in a handler so that every generating endpoint gets them the same
+way. Order (outermost first): errors, API key (who is asking), limits (may they ask now).
 """
 
 from __future__ import annotations
@@ -13,16 +14,18 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from wicore_cpp.errors import (
+    InvalidApiKey,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
-    RateLimited,
+    PermissionDenied,
     WicoreError,
     excerpt,
 )
+from wicore_cpp.http.keys import Caller, presented_key
 from wicore_cpp.http.lifecycle import is_generating
 from wicore_cpp.http.protocol import json_response
-from wicore_cpp.http.state import STATE
+from wicore_cpp.http.state import CALLER, GENERATION, PRIORITY_CEILING, STATE
 
 log = logging.getLogger("wicore.http")
 
@@ -46,6 +49,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except WicoreError as err:
         if err.status >= 500:
             log.warning("%s %s -> %d: %s", request.method, request.path, err.status, err.message)
+        else:
+            log.info("%s %s -> %d %s: %s", request.method, request.path, err.status,
+                     err.code or err.type, err.message)
         return error_response(err)
     except web.HTTPNotFound:
         return error_response(
@@ -76,15 +82,68 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(WicoreError("internal server error"))
 
 
+# Open with API keys on: liveness probes and the banner; monitoring too unless it is
+# admin-only. Everything else needs a key.
+OPEN_PATHS = frozenset({"/health", "/"})
+MONITORING_PATHS = frozenset({"/status", "/metrics"})
+
+
+@web.middleware
+async def api_key_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Who is asking: with API keys on, the key presented (401 `invalid_api_key` without a
+    valid one; 403 for monitoring when it is admin-only and the key is not admin); with keys
+    off, the client address. CORS preflights (OPTIONS) carry no key and need none."""
+    state = request.app[STATE]
+    address = request.remote or "unknown"
+    if state.keys is None:
+        request[CALLER] = Caller(None, address)
+        return await handler(request)
+    admin_only = state.config.admin_only_monitoring
+    if (request.method == "OPTIONS" or request.path in OPEN_PATHS
+            or (request.path in MONITORING_PATHS and not admin_only)):
+        return await handler(request)
+    try:
+        presented = presented_key(request)
+        if presented is None:
+            raise InvalidApiKey("no API key: send it as 'Authorization: Bearer <key>' or "
+                                "'x-api-key: <key>'")
+        key = state.keys.find(presented)
+        if key is None:
+            raise InvalidApiKey("invalid API key")
+    except InvalidApiKey:
+        if is_generating(request):
+            state.metrics.count_rejected(None, InvalidApiKey.code)
+        raise
+    if request.path in MONITORING_PATHS and not key.is_admin:
+        raise PermissionDenied(f"{request.path} is for admin keys only")
+    request[CALLER] = Caller(key, address)
+    return await handler(request)
+
+
 @web.middleware
 async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Requests a minute per client address, for generating endpoints only (never monitoring)."""
-    if is_generating(request):
-        limiter = request.app[STATE].rate_limiter
-        retry = limiter.check(request.remote or "unknown")
-        if retry is not None:
-            raise RateLimited(
-                f"rate limit of {limiter.per_minute} requests a minute exceeded",
-                retry_after=retry,
-            )
-    return await handler(request)
+    """Per-caller limits (requests and tokens a minute, the key's token quota), for generating
+    endpoints only (never monitoring). A refusal before the engine queued the request is
+    counted in the metrics by its error code."""
+    if not is_generating(request):
+        return await handler(request)
+    state = request.app[STATE]
+    caller: Caller = request[CALLER]
+    try:
+        state.limits.admit(caller)
+        return await handler(request)
+    except WicoreError as err:
+        if GENERATION not in request:
+            state.metrics.count_rejected(caller.tenant, err.code or str(err.status))
+        raise
+
+
+async def add_limit_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: OpenAI's `x-ratelimit-*` headers on every response to a known
+    caller, and `X-Priority-Ceiling` when the request asked above its key's ceiling."""
+    caller = request.get(CALLER)
+    if caller is not None:
+        response.headers.update(request.app[STATE].limits.headers(caller))
+    ceiling = request.get(PRIORITY_CEILING)
+    if ceiling is not None:
+        response.headers["X-Priority-Ceiling"] = ceiling

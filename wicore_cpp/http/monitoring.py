@@ -37,7 +37,7 @@ async def root(request: web.Request) -> web.Response:
         "engine": ENGINE_NAME,
         "models": list(engine.models),
         "endpoints": ["/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize",
-                      "/detokenize", "/health", "/status"],
+                      "/detokenize", "/health", "/status", "/metrics"],
     })
 
 

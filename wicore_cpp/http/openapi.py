@@ -62,6 +62,7 @@ class Operation:
     event_stream: bool = False  # 200 may also be `text/event-stream`
     headers: tuple[Header, ...] = ()
     response_headers: tuple[str, ...] = ()
+    text_response: str | None = None  # 200 is text of this media type (e.g. Prometheus')
 
 
 def documented(summary: str, **details: Any) -> Callable[[F], F]:
@@ -133,6 +134,9 @@ def build_document(app: web.Application) -> dict:
                     response["headers"] = {name: {"schema": {"type": "string"}}
                                            for name in op.response_headers}
                 entry["responses"][str(status)] = response
+            if op.text_response is not None:
+                entry["responses"]["200"] = {"description": "OK", "content": {
+                    op.text_response: {"schema": {"type": "string"}}}}
             for status in op.errors:
                 entry["responses"].setdefault(str(status), {
                     "description": ERROR_WHEN.get(status, HTTPStatus(status).phrase),

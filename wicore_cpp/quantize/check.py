@@ -62,15 +62,17 @@ def compare_distributions(
 
 
 def _all_logits(
-    model_path: str, n_threads: int, prompts: tuple[str, ...], tokens: list[list[int]] | None
+    model_path: str, n_threads: int, prompts: tuple[str, ...], tokens: list[list[int]] | None,
+    **context: object,
 ) -> tuple[list[np.ndarray], list[list[int]]]:
-    """Logits at every position of every prompt; tokenizes with this model when tokens is None."""
+    """Logits at every position of every prompt; tokenizes with this model when tokens is None.
+    `context` goes to llama.cpp's context (e.g. type_k, type_v, flash_attn)."""
     from llama_cpp import Llama
 
     threads = resolve_threads(n_threads)
     llm = Llama(
         model_path=model_path, n_ctx=_N_CTX, n_batch=_N_CTX, n_ubatch=_N_CTX, logits_all=True,
-        n_gpu_layers=0, n_threads=threads, n_threads_batch=threads, verbose=False,
+        n_gpu_layers=0, n_threads=threads, n_threads_batch=threads, verbose=False, **context,
     )
     try:
         if tokens is None:
@@ -97,3 +99,22 @@ def compare_models(
     if original[0].shape[-1] != quantized[0].shape[-1]:
         raise ValueError("the two models have different vocabulary sizes")
     return compare_distributions(original, quantized)
+
+
+def compare_kv_cache_types(
+    model_path: str, kv_types: tuple[str, ...] = ("q8_0", "q4_0"), n_threads: int = 0,
+    prompts: tuple[str, ...] = PROMPTS,
+) -> dict[str, CheckResult]:
+    """The quality cost of a quantized KV cache (`kv_cache_type`): the same model with an f16
+    cache and with each of `kv_types`, flash attention on in all (a quantized V cache needs
+    it), compared like two model files."""
+    from wicore_cpp.engine.backend import KV_CACHE_TYPES
+
+    reference, tokens = _all_logits(model_path, n_threads, prompts, None, flash_attn=True)
+    results = {}
+    for kv in kv_types:
+        ggml_type = KV_CACHE_TYPES[kv]
+        logits, _ = _all_logits(model_path, n_threads, prompts, tokens, flash_attn=True,
+                                type_k=ggml_type, type_v=ggml_type)
+        results[kv] = compare_distributions(reference, logits)
+    return results
