@@ -337,7 +337,14 @@ async def test_metrics_count_what_was_sent(keyed):
     names = {n for (n, _) in after if n.startswith("wicore_")}
     assert all(n.endswith(("_seconds_bucket", "_seconds_count", "_seconds_sum", "_total",
                            "_created", "_cells", "_length", "_sequences", "_ready",
-                           "_in_flight")) for n in names), names
+                           "_in_flight", "_bytes", "_entries")) for n in names), names
+    # carol asked the same thing three times: the prompt cache served the later two.
+    assert delta("wicore_prompt_cache_hits_total") >= 2
+    assert delta("wicore_prompt_cache_tokens_total") >= 2 * (usages["carol"][0]["prompt_tokens"]
+                                                             - 1)
+    assert total(after, "wicore_prompt_cache_cells", model=MODEL_ID) >= usages["carol"][0][
+        "prompt_tokens"]
+    assert total(after, "wicore_prompt_cache_entries", model=MODEL_ID) >= 1
 
 
 # -- browsers and the demo -----------------------------------------------------------------------

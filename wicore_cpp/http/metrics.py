@@ -148,9 +148,35 @@ class _EngineGauges:
         for model_id, n in s.worker_restarts.items():
             restarts.add_metric([model_id], n)
         yield restarts
-        # Prompt-cache hits belong here once the engine counts them (the prompt cache is
-        # being built separately): a `wicore_prompt_cache_hits_total` / `_tokens_total`
-        # counter read from the stats like the restarts above.
+        yield CounterMetricFamily("wicore_prompt_cache_hits", "Requests that started from "
+                                  "cached KV instead of prefilling their whole prompt.",
+                                  value=s.counters.cache_hits)
+        yield CounterMetricFamily("wicore_prompt_cache_tokens", "Prompt tokens taken from the "
+                                  "prompt cache rather than prefilled.",
+                                  value=s.counters.cached_tokens)
+        labels = ["model", "worker"]
+        cache_cells = GaugeMetricFamily("wicore_prompt_cache_cells", "KV cells a worker's "
+                                        "prompt cache holds (a shared prefix counts once).",
+                                        labels=labels)
+        cache_entries = GaugeMetricFamily("wicore_prompt_cache_entries", "Cached sequences "
+                                          "in a worker's KV pool.", labels=labels)
+        host_bytes = GaugeMetricFamily("wicore_prompt_cache_host_bytes", "Host memory a "
+                                       "worker's prompt cache holds for evicted prefixes.",
+                                       labels=labels)
+        evictions = CounterMetricFamily("wicore_prompt_cache_evictions", "Cached sequences a "
+                                        "worker dropped from its KV pool (since it started).",
+                                        labels=labels)
+        window_misses = CounterMetricFamily(
+            "wicore_prompt_cache_window_misses", "Cached prefixes recomputed because their "
+            "sliding-window cells were gone (since the worker started).", labels=labels)
+        for w in s.workers:
+            key = [w.model_id, str(w.worker_id)]
+            cache_cells.add_metric(key, w.prompt_cache.cells)
+            cache_entries.add_metric(key, w.prompt_cache.entries)
+            host_bytes.add_metric(key, w.prompt_cache.host_bytes)
+            evictions.add_metric(key, w.prompt_cache.evictions)
+            window_misses.add_metric(key, w.prompt_cache.window_misses)
+        yield from (cache_cells, cache_entries, host_bytes, evictions, window_misses)
 
 
 @routes.get("/metrics")
