@@ -58,6 +58,8 @@ def bench_q4km(tmp_path_factory) -> Path:
 
 
 DEFAULTS = settings_from_config(load_config(environ={}, flags={}))
+# The issue's 17 sequences: the defaults without the prompt cache's own 4 sequence ids.
+NO_CACHE_SEQS = replace(DEFAULTS, prompt_cache_seqs=0)
 
 
 def _within(ours: int, theirs: int, tolerance: float = 0.02) -> bool:
@@ -72,7 +74,8 @@ def _within(ours: int, theirs: int, tolerance: float = 0.02) -> bool:
     (4096, 1, "q4_0", 256), (20000, 8, "f16", 1024),
 ])
 def test_kv_cache_is_what_llama_cpp_reserves(g27, probe, ctx, batch, kv, chunk):
-    """Both kinds of layers, for the real number of sequences (max_batch_size + urgent_slots),
+    """Both kinds of layers, for the real number of sequences (max_batch_size + urgent_slots +
+    prompt_cache_seqs),
     as llama.cpp's own KV cache reports them for the same context (no_alloc)."""
     shape = ModelShape.from_gguf(read_gguf(g27["Q4_K_M"]))
     s = replace(DEFAULTS, ctx_size=ctx, max_batch_size=batch, kv_cache_type=kv,
@@ -86,18 +89,23 @@ def test_kv_cache_is_what_llama_cpp_reserves(g27, probe, ctx, batch, kv, chunk):
     assert (m.full_cells, shape.n_full_layers) == (full_cells, full_layers) == (
         (ctx + 255) // 256 * 256, 10)
     assert (m.swa_cells, 62 - shape.n_full_layers) == (swa_cells, swa_layers) == (
-        min(full_cells, (1024 * (batch + 1) + chunk + 255) // 256 * 256), 52)
+        min(full_cells, (1024 * s.n_seq_max + chunk + 255) // 256 * 256), 52)
     usage = plan.usage[HOST]
     assert _within(usage.kv_full, fk + fv, 0.0001) and _within(usage.kv_swa, sk + sv, 0.0001)
 
 
 def test_the_issues_figures_for_the_27b_defaults(g27):
-    """10 layers x 32,768 cells = 2,560 MiB and 52 layers x 17,920 cells = 7,280 MiB."""
+    """10 layers x 32,768 cells = 2,560 MiB and 52 layers x 17,920 cells = 7,280 MiB for 17
+    sequences; the prompt cache's 4 sequence ids add 4 windows: 52 x 22,016 cells."""
     shape = ModelShape.from_gguf(read_gguf(g27["Q4_K_M"]))
-    plan = make_plan((ModelLoad("m", shape, ((),)),), DEFAULTS, (Pool(HOST, "", 0, 0, ""),), 0,
-                     CpuFeatures(avx2=True), None)
+    plan = make_plan((ModelLoad("m", shape, ((),)),), NO_CACHE_SEQS, (Pool(HOST, "", 0, 0, ""),),
+                     0, CpuFeatures(avx2=True), None)
     u = plan.usage[HOST]
     assert (u.kv_full, u.kv_swa) == (2560 * MiB, 7280 * MiB)
+    assert DEFAULTS.prompt_cache_seqs == 4
+    cached = make_plan((ModelLoad("m", shape, ((),)),), DEFAULTS, (Pool(HOST, "", 0, 0, ""),), 0,
+                       CpuFeatures(avx2=True), None).usage[HOST]
+    assert (cached.kv_full, cached.kv_swa) == (2560 * MiB, 22016 * 7280 // 17920 * MiB)
     # On an AVX2 CPU llama.cpp repacks the 374 Q4_K matrices: 11.4 GiB beside the mapped file.
     assert round(u.repacked / GiB, 1) == 11.4 and u.weights + u.repacked == shape.weight_bytes
 
@@ -175,7 +183,7 @@ def test_gpu_placement_follows_llama_cpp(g27):
     last ones (and the output layer) to the GPU, with their KV cache."""
     shape = ModelShape.from_gguf(read_gguf(g27["Q4_K_M"]))
     embd = shape.tensors[[t.name for t in shape.tensors].index("token_embd.weight")].n_bytes
-    full = _gpu_plan(shape, 80, DEFAULTS).plan
+    full = _gpu_plan(shape, 80, NO_CACHE_SEQS).plan
     gpu, host = full.usage["CUDA0"], full.usage[HOST]
     assert gpu.weights == shape.weight_bytes and host.weights == embd and host.repacked == 0
     assert (gpu.kv_full, gpu.kv_swa, host.kv) == (2560 * MiB, 7280 * MiB, 0)
@@ -196,7 +204,8 @@ def test_fit_shrinks_the_context_first(g27):
     s = result.plan.settings
     assert result.fits and 4096 <= s.ctx_size < 32768 and s.ctx_size % 256 == 0
     assert (s.max_batch_size, s.n_gpu_layers) == (16, -1)
-    assert [st.setting for st in result.steps] == ["ctx_size"]
+    assert [st.setting for st in result.steps] == ["prompt_cache_seqs", "ctx_size"]
+    assert s.prompt_cache_seqs == 0
     from wicore_cpp.engine.memory_fit import describe
 
     text = "\n".join(describe(result))
@@ -216,7 +225,8 @@ def test_fit_then_sequences_then_layers(g27):
     s = on_29.plan.settings
     assert on_29.fits and 4096 <= s.ctx_size < 32768 and 1 <= s.max_batch_size < 16
     assert s.n_gpu_layers == -1
-    assert [st.setting for st in on_29.steps] == ["ctx_size", "max_batch_size"]
+    assert [st.setting for st in on_29.steps] == ["prompt_cache_seqs", "ctx_size",
+                                                  "max_batch_size"]
     on_24 = _gpu_plan(shape, 24, DEFAULTS)
     assert on_24.fits and 0 < on_24.plan.settings.n_gpu_layers < 63
     assert "n_gpu_layers" in [st.setting for st in on_24.steps]
@@ -308,7 +318,7 @@ def test_budget_of_20gib_fits_a_smaller_context(g27):
     host = plan["devices"][0]
     assert host["free_bytes"] == 20 * GiB and host["free_source"] == "--memory-budget"
     assert host["need_bytes"] <= host["usable_bytes"] == 19 * GiB
-    assert [s["setting"] for s in plan["fit_steps"]] == ["ctx_size"]
+    assert [s["setting"] for s in plan["fit_steps"]] == ["prompt_cache_seqs", "ctx_size"]
     assert plan["fit_steps"][0]["need_before_bytes"] > 19 * GiB
 
 
@@ -317,9 +327,9 @@ def test_budget_of_64gib_keeps_the_defaults(g27):
     assert out.returncode == 0, out.stderr
     plan = orjson.loads(out.stdout)
     assert plan["fits"] and plan["fit_steps"] == []
-    assert (plan["settings"]["ctx_size"], plan["settings"]["n_seq_max"]) == (32768, 17)
+    assert (plan["settings"]["ctx_size"], plan["settings"]["n_seq_max"]) == (32768, 21)
     need = plan["devices"][0]["need"]
-    assert (need["kv_full"], need["kv_swa"]) == (2560 * MiB, 7280 * MiB)
+    assert (need["kv_full"], need["kv_swa"]) == (2560 * MiB, 22016 * 7280 // 17920 * MiB)
 
 
 def test_explicit_context_that_does_not_fit_exits_2_with_the_numbers(g27, probe):

@@ -132,8 +132,11 @@ def reply_tokens(model: Model, generated: list[int]) -> list[int]:
 # -- reuse gives the same tokens -----------------------------------------------------------------
 
 
-def test_repeated_prompt_reuses_all_but_its_last_token(model, harness):
-    plain, cached = harness(model, cache=False), harness(model)
+@pytest.mark.parametrize("cache_seqs", [4, 0])
+def test_repeated_prompt_reuses_all_but_its_last_token(model, harness, cache_seqs):
+    """Also with no sequence ids of the cache's own (what the memory fit gives up first): the
+    finished sequence stays in its idle decode slot."""
+    plain, cached = harness(model, cache=False), harness(model, cache_seqs=cache_seqs)
     prompt = user_turn(model, [], text(1, 80))
     first = cached.run(prompt)
     assert cached.cached["r1"] == 0

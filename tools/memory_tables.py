@@ -49,9 +49,10 @@ GPU = "GPU"
 MARGIN = GiB
 BEGIN = "<!-- memory tables: made by tools/memory_tables.py, do not edit by hand -->"
 END = "<!-- end of memory tables -->"
-# The defaults the tables are for (config.py): 16 + 1 sequences, 512-token prefill chunks.
+# The defaults the tables are for (config.py): 16 + 1 + 4 sequences, 512-token prefill chunks.
 DEFAULTS = Settings(ctx_size=DEFAULT_CTX_SIZE, max_batch_size=16, urgent_slots=1,
-                    n_gpu_layers=-1, kv_cache_type="f16", prefill_chunk=512, flash_attn="auto")
+                    n_gpu_layers=-1, kv_cache_type="f16", prefill_chunk=512, flash_attn="auto",
+                    prompt_cache_seqs=4)
 
 
 def _make_model_module():
@@ -124,8 +125,8 @@ def tables(files: dict[str, Path]) -> str:
     ctx_heads = [f"{c // 1024}K" for c in CONTEXTS]
     return "\n".join([
         BEGIN,
-        "Need on the GPU with every layer offloaded, for 17 sequences (`max_batch_size` 16 + "
-        "`urgent_slots` 1), an f16 KV cache and flash attention; total = weights + KV cache + "
+        "Need on the GPU with every layer offloaded, for 21 sequences (`max_batch_size` 16 + "
+        "`urgent_slots` 1 + `prompt_cache_seqs` 4), an f16 KV cache and flash attention; total = weights + KV cache + "
         "compute buffers:",
         "",
         "| file | file size | weights on the GPU | " + " | ".join(f"KV {h}" for h in ctx_heads)
@@ -133,8 +134,11 @@ def tables(files: dict[str, Path]) -> str:
         "|---|---:|---:|" + "---:|" * (2 * len(CONTEXTS)),
         *need_rows,
         "",
-        "What `wicore serve` fits with its defaults (`ctx_size`, `max_batch_size` and "
-        "`n_gpu_layers` left unset) on a card with that much free memory, keeping a 1 GiB margin:",
+        "What `wicore serve` fits with its defaults (`ctx_size`, `max_batch_size`, "
+        "`n_gpu_layers` and `prompt_cache_seqs` left unset) on a card with that much free "
+        "memory, keeping a 1 GiB margin (\"no cache seqs\": the prompt cache gave up its own "
+        "sequence ids, the first thing the fit gives up, and keeps finished sequences in idle "
+        "decode slots only):",
         "",
         "| file | `kv_cache_type` | " + " | ".join(f"{c} GiB" for c in CARDS_GIB) + " |",
         "|---|---|" + "---|" * len(CARDS_GIB),
@@ -148,6 +152,9 @@ def _fitted(result, shape: ModelShape) -> str:
     if not result.fits:
         return "does not fit"
     parts = [f"ctx {s.ctx_size}"]
+    if s.prompt_cache_seqs != DEFAULTS.prompt_cache_seqs:
+        parts.append("no cache seqs" if s.prompt_cache_seqs == 0
+                     else f"{s.prompt_cache_seqs} cache seqs")
     if s.max_batch_size != DEFAULTS.max_batch_size:
         parts.append(f"batch {s.max_batch_size}")
     layers = s.layers_on_gpu(shape)

@@ -1,9 +1,10 @@
 """The fit: settings left unset are fitted so that the memory plan (engine/memory_plan.py) fits
 every device, and a plan that cannot fit is explained.
 
-Fitting changes only settings left unset, in this order: `ctx_size` shrinks (the largest that
-fits, never below `ctx_size_min`), then `max_batch_size`, then `n_gpu_layers`; the later a
-setting comes, the more it is kept. A setting given explicitly is never changed: if the plan
+Fitting changes only settings left unset, in this order: the prompt cache's own sequence ids
+(`prompt_cache_seqs`) go, then `ctx_size` shrinks (the largest that fits, never below
+`ctx_size_min`), then `max_batch_size`, then `n_gpu_layers`; the later a setting comes, the
+more it is kept. A setting given explicitly is never changed: if the plan
 does not fit, start-up stops with one message naming the need, the free memory and settings
 that would fit. Also here: the plan for a Config (its devices, workers and fixed settings) and
 the plan as text for `wicore serve --dry-run`.
@@ -112,6 +113,16 @@ def fit(
     first = make_plan(loads, requested, pools, margin, cpu, compute)
     if first.fits:
         return FitResult(first, (), requested, fixed)
+    base = requested
+    if "prompt_cache_seqs" not in fixed and requested.prompt_cache_seqs:
+        # The prompt cache's own sequence ids go first: without them it still keeps finished
+        # sequences in idle decode slots, while each of them costs a window of cells in every
+        # sliding-window layer (1.7 GiB for 4 of them with Gemma-3-27B at f16).
+        base = replace(requested, prompt_cache_seqs=0)
+        lighter = make_plan(loads, base, pools, margin, cpu, compute)
+        if lighter.fits:
+            steps = tuple(_steps(requested, base, pools, margin, cpu, loads, compute, first))
+            return FitResult(lighter, steps, requested, fixed)
 
     bound = None
     if compute is not None:
@@ -121,11 +132,10 @@ def fit(
                                                              requested.max_batch_size),
                                           n_gpu_layers=requested.n_gpu_layers))
 
-    found = _search(loads, requested, fixed, ctx_size_min, pools, margin, cpu, bound, compute)
+    found = _search(loads, base, fixed, ctx_size_min, pools, margin, cpu, bound, compute)
     final = make_plan(loads, found, pools, margin, cpu, compute)
     if not final.fits and compute is not None:
-        found = _search(loads, requested, fixed, ctx_size_min, pools, margin, cpu, compute,
-                        compute)
+        found = _search(loads, base, fixed, ctx_size_min, pools, margin, cpu, compute, compute)
         final = make_plan(loads, found, pools, margin, cpu, compute)
     steps = tuple(_steps(requested, found, pools, margin, cpu, loads, compute, first))
     if final.fits:
@@ -192,10 +202,11 @@ def _steps(requested: Settings, final: Settings, pools: tuple[Pool, ...], margin
            cpu: CpuFeatures, loads: tuple[ModelLoad, ...], compute: ComputeSource | None,
            first: MemoryPlan) -> Iterable[FitStep]:
     """One step per changed setting, in the order fitting gives them up: context, then
-    sequences, then layers; each measured from the settings before it."""
+    sequences, then layers (the prompt cache's sequence ids before all of them); each measured
+    from the settings before it."""
     current = requested
     before = first
-    for name in ("ctx_size", "max_batch_size", "n_gpu_layers"):
+    for name in ("prompt_cache_seqs", "ctx_size", "max_batch_size", "n_gpu_layers"):
         old, new = getattr(current, name), getattr(final, name)
         if old == new:
             continue
@@ -312,7 +323,7 @@ def fixed_settings(config: Config) -> tuple[str, ...]:
     fixed = []
     if config.ctx_size:
         fixed.append("ctx_size")
-    for name in ("max_batch_size", "n_gpu_layers"):
+    for name in ("max_batch_size", "n_gpu_layers", "prompt_cache_seqs"):
         if config.is_set(name):
             fixed.append(name)
     return tuple(fixed)
@@ -353,6 +364,8 @@ def fitted_config(config: Config, result: FitResult) -> Config:
     update = {"ctx_size": s.ctx_size, "max_batch_size": s.max_batch_size}
     if s.n_gpu_layers != config.n_gpu_layers:
         update["n_gpu_layers"] = s.n_gpu_layers
+    if config.prompt_cache_share > 0 and s.prompt_cache_seqs != config.prompt_cache_seqs:
+        update["prompt_cache_seqs"] = s.prompt_cache_seqs
     return config.model_copy(update=update)
 
 
@@ -396,11 +409,12 @@ def describe(result: FitResult) -> list[str]:
     has_gpu = any(not p.is_host for p in plan.pools)
     layers = "all" if s.n_gpu_layers < 0 else str(s.n_gpu_layers)
     tag = {name: " (fitted)" if name in fitted else " (set)" if name in result.fixed
-           else "" for name in ("ctx_size", "max_batch_size", "n_gpu_layers")}
+           else "" for name in ("ctx_size", "max_batch_size", "n_gpu_layers",
+                                  "prompt_cache_seqs")}
     lines.append(
         f"settings: ctx_size {s.ctx_size}{tag['ctx_size']}, max_batch_size "
         f"{s.max_batch_size}{tag['max_batch_size']} + urgent_slots {s.urgent_slots} + "
-        f"prompt_cache_seqs {s.prompt_cache_seqs} = "
+        f"prompt_cache_seqs {s.prompt_cache_seqs}{tag['prompt_cache_seqs']} = "
         f"{s.n_seq_max} sequences, n_gpu_layers "
         f"{layers + tag['n_gpu_layers'] if has_gpu else 'none (no GPU offload)'}, "
         f"kv_cache_type {s.kv_cache_type}, flash_attn {s.flash_attn}, prefill_chunk "

@@ -218,9 +218,14 @@ class PromptCache:
             # the sequences sharing them outlive every entry (see _shared_swa).
             swa_shared = self._swa_cells(plan.entry, plan.n)
             if self._shared_swa(swa_shared) > self._swa_budget:
-                log.debug("not sharing %d cached tokens: sliding-window cells would run short",
-                          plan.n)
-                plan.n, plan.entry, swa_shared = 0, None, []
+                # Sharing would leave window cells held by an entry beside the running
+                # sequences: continue the entry itself instead, trimmed to the prefix (with no
+                # seq ids of the cache's own, the memory fit's first concession, this is how
+                # cached prefixes are reused).
+                log.debug("taking over %d cached tokens in place: sliding-window cells would "
+                          "run short if shared", plan.n)
+                plan.take_over = True
+                swa_shared = []
         if not self._make_room(plan, need, reserved):
             return None
         slot, borrowed = self._attach(plan)
