@@ -150,8 +150,16 @@ async def test_completions_edges(api):
     assert status == 200, body
     assert body["choices"][0]["text"] == "Hi there"
     assert body["usage"]["completion_tokens"] == 0
-    status, body = await post(api, "/v1/completions", {"prompt": ["a", "b"]})
-    assert status == 400 and body["error"]["param"] == "prompt"
+    status, body = await post(api, "/v1/completions", {"prompt": ["a", "b"], "max_tokens": 2})
+    assert status == 200 and [c["index"] for c in body["choices"]] == [0, 1]
+    for bad in ([], [[]], [[1, 2], []], ["a", [1]], [1, "a"]):
+        status, body = await post(api, "/v1/completions", {"prompt": bad})
+        assert status == 400 and body["error"]["param"].startswith("prompt"), (bad, body)
+    status, body = await post(api, "/v1/completions", {"prompt": ["x"] * 33})
+    assert status == 400 and "at most 32 prompts" in body["error"]["message"]
+    # A prompt of the list that cannot be served fails the whole request.
+    status, body = await post(api, "/v1/completions", {"prompt": [[1, 2], [1, 10**8]]})
+    assert status == 400 and body["error"]["param"] == "prompt", body
     status, body = await post(api, "/v1/completions", {"prompt": ["one prompt"],
                                                        "max_tokens": 2})
     assert status == 200 and body["object"] == "text_completion"

@@ -301,6 +301,45 @@ def test_completions_from_token_ids(client):
     assert by_ids.usage.prompt_tokens == len(ids)
 
 
+def test_completions_of_a_list_of_prompts(client):
+    """Strings, token ids and lists of token ids; choices prompt-major with n; usage summed;
+    each choice equals its prompt's lone run at temperature 0, JSON and streamed."""
+    prompts = ["Once upon a time", "The capital of France", "Hello"]
+    lone = [client.completions.create(model=MODEL_ID, prompt=p, max_tokens=6, temperature=0)
+            for p in prompts]
+    resp = client.completions.create(model=MODEL_ID, prompt=prompts, max_tokens=6,
+                                     temperature=0, n=2)
+    assert [c.index for c in resp.choices] == list(range(6))
+    for c in resp.choices:
+        assert c.text == lone[c.index // 2].choices[0].text, c.index
+    assert resp.usage.prompt_tokens == sum(r.usage.prompt_tokens for r in lone)
+    assert resp.usage.completion_tokens == 2 * sum(r.usage.completion_tokens for r in lone)
+    streamed: dict[int, str] = {}
+    finished: dict[int, str] = {}
+    usage = None
+    for chunk in client.completions.create(model=MODEL_ID, prompt=prompts, max_tokens=6,
+                                           temperature=0, n=2, stream=True,
+                                           stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+            if c.finish_reason:
+                finished[c.index] = c.finish_reason
+    assert streamed == {c.index: c.text for c in resp.choices}
+    assert sorted(finished) == list(range(6))
+    assert usage.prompt_tokens == resp.usage.prompt_tokens
+    ids = [_post(client, "/tokenize", {"content": p, "add_special": True})["tokens"]
+           for p in prompts[:2]]
+    by_ids = client.completions.create(model=MODEL_ID, prompt=ids, max_tokens=6,
+                                       temperature=0, echo=True)
+    assert len(by_ids.choices) == 2
+    for i, c in enumerate(by_ids.choices):  # echo gives each prompt back before its text
+        assert prompts[i] in c.text and c.text.endswith(lone[i].choices[0].text)
+    one_id_list = client.completions.create(model=MODEL_ID, prompt=[ids[0]], max_tokens=6,
+                                            temperature=0)
+    assert one_id_list.choices[0].text == lone[0].choices[0].text
+
+
 # -- refused fields ------------------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ import json
 import math
 from typing import Any
 
+from wicore_cpp.engine.schema_pattern import PatternError, pattern_rule
 from wicore_cpp.errors import UnsupportedValue
 
 # Keywords that describe but do not constrain: accepted and ignored by design.
@@ -30,11 +31,31 @@ KEYWORDS = frozenset({
     "type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref",
     "properties", "required", "additionalProperties",
     "items", "prefixItems", "minItems", "maxItems",
-    "format", "minLength", "maxLength",
+    "format", "pattern", "minLength", "maxLength",
     "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
 })
 TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
 STRING_FORMATS = frozenset({"date", "time", "date-time", "uuid"})
+# One way of constraining a string per schema: the converter would keep one and drop the rest.
+STRING_CONSTRAINTS = (("pattern",), ("format",), ("minLength", "maxLength"))
+
+# Calendar dates, exactly: no 0000 (not a date for Python), no February 30, February 29 only
+# in leap years (the converter's rule lets any day 01-31 through).
+DATE_RULES = {  # in dependency order; {name} is the rule of that name
+    "date-year": '[1-9] [0-9] [0-9] [0-9] | "0" [1-9] [0-9] [0-9] | "00" [1-9] [0-9] '
+                 '| "000" [1-9]',
+    # A nonzero multiple of 4 in two digits; a leap year ends in one, or is one followed by 00.
+    "date-yy4": '[02468] [48] | [13579] [26] | [2468] "0"',
+    "date-leap-year": '[0-9] [0-9] {date-yy4} | {date-yy4} "00"',
+    "date-day28": '"0" [1-9] | "1" [0-9] | "2" [0-8]',
+    "date": '{date-year} "-" ( ("01" | "03" | "05" | "07" | "08" | "10" | "12") "-" '
+            '( {date-day28} | "29" | "30" | "31" ) | ("04" | "06" | "09" | "11") "-" '
+            '( {date-day28} | "29" | "30" ) | "02-" {date-day28} ) '
+            '| {date-leap-year} "-02-29"',
+    "time": '([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9] ":" [0-5] [0-9] ( "." [0-9] [0-9] '
+            '[0-9] )? ( "Z" | ( "+" | "-" ) ( [01] [0-9] | "2" [0-3] ) ":" [0-5] [0-9] )',
+}
+FORMAT_RULES = {"date": "{date}", "time": "{time}", "date-time": '{date} "T" {time}'}
 
 # Bounds that keep a grammar's size, its parse (recursive, in C) and its cost per step sane.
 MAX_DEPTH = 32
@@ -55,12 +76,13 @@ JSON_CHAR_RULE = (
 def check_schema(schema: Any, param: str) -> None:
     """Refuse (UnsupportedValue naming the keyword and where it is) anything the grammar
     could not enforce, and anything past the size bounds above."""
-    _Checker(param).visit(schema, "#", 0)
+    _Checker(param, schema).visit(schema, "#", 0)
 
 
 class _Checker:
-    def __init__(self, param: str):
+    def __init__(self, param: str, root: Any):
         self.param = param
+        self.root = root
         self.num_nodes = 0
 
     def fail(self, message: str) -> None:
@@ -90,6 +112,36 @@ class _Checker:
                           f"keywords that are enforced")
             else:
                 self.check_keyword(node, key, value, where, depth)
+        used = [group[0] for group in STRING_CONSTRAINTS if any(k in node for k in group)]
+        if len(used) > 1:
+            self.fail(f"{path}: {' and '.join(used)} together are not supported (one of "
+                      f"pattern, format, minLength/maxLength per string)")
+        if "oneOf" in node and isinstance(node["oneOf"], list):
+            self.check_exclusive(node["oneOf"], f"{path}/oneOf")
+
+    def check_exclusive(self, branches: list, where: str) -> None:
+        """oneOf wants exactly one branch to match: enforced as anyOf, that holds only when no
+        value can match two branches, which is proved here or the schema is refused."""
+        for i in range(len(branches)):
+            for j in range(i + 1, len(branches)):
+                if not _disjoint(self.resolve(branches[i]), self.resolve(branches[j]),
+                                 self.resolve):
+                    self.fail(f"{where}: branches {i} and {j} may both match a value, so "
+                              f"'oneOf' (exactly one) cannot be enforced; make them "
+                              f"disjoint (different types, or a required property with "
+                              f"different const/enum values) or use anyOf")
+
+    def resolve(self, node: Any, seen: int = 0) -> Any:
+        """A subschema with its local `$ref` followed (None if it cannot be)."""
+        while isinstance(node, dict) and isinstance(node.get("$ref"), str) and seen < 32:
+            target: Any = self.root
+            for part in node["$ref"].removeprefix("#").split("/")[1:]:
+                part = part.replace("~1", "/").replace("~0", "~")
+                if not isinstance(target, dict) or part not in target:
+                    return None
+                target = target[part]
+            node, seen = target, seen + 1
+        return node
 
     def check_keyword(self, node: dict, key: str, value: Any, where: str, depth: int) -> None:
         if key == "type":
@@ -130,6 +182,13 @@ class _Checker:
         elif key == "$ref":
             if not isinstance(value, str) or not value.startswith("#/"):
                 self.fail(f"{where}: only local references ('#/...') are supported")
+        elif key == "pattern":
+            if not isinstance(value, str):
+                self.fail(f"{where} must be a string")
+            try:
+                pattern_rule(value)
+            except PatternError as exc:
+                self.fail(f"pattern {json.dumps(value)[:80]} (at {where}): {exc}")
         elif key == "format":
             if value not in STRING_FORMATS:
                 self.fail(f"{where}: format '{value}' is not supported "
@@ -184,6 +243,22 @@ def _extended_converter(base: type) -> type:
             if "allOf" in schema and len(schema["allOf"]) == 1:
                 merged = {k: v for k, v in schema.items() if k != "allOf"}
                 return self.visit({**schema["allOf"][0], **merged}, name)
+            plain = not ({"enum", "const", "anyOf", "oneOf", "$ref"} & schema.keys())
+            if plain and schema_type in (None, "string") and "pattern" in schema:
+                char = self._add_rule("char", JSON_CHAR_RULE)
+                try:
+                    content = pattern_rule(schema["pattern"], char)
+                except PatternError as exc:
+                    raise ValueError(f"pattern: {exc}") from None
+                return self._add_rule(name or "root", f'"\\"" ( {content} ) "\\"" space')
+            if plain and schema_type in (None, "string") and schema.get("format") in FORMAT_RULES:
+                # The rules' names are those the converter gives them (a property may have
+                # taken "date" already).
+                names: dict[str, str] = {}
+                for rule, body in DATE_RULES.items():
+                    names[rule] = self._add_rule(rule, _fill(body, names))
+                body = _fill(FORMAT_RULES[schema["format"]], names)
+                return self._add_rule(name or "root", f'"\\"" ( {body} ) "\\"" space')
             if schema_type == "integer" and "enum" not in schema and "const" not in schema:
                 low, high = _integer_bounds(schema)
                 if low is not None or high is not None:
@@ -192,6 +267,12 @@ def _extended_converter(base: type) -> type:
             return super().visit(schema, name)
 
     return Converter
+
+
+def _fill(body: str, names: dict[str, str]) -> str:
+    for rule, actual in names.items():
+        body = body.replace("{" + rule + "}", actual)
+    return body
 
 
 def _integer_bounds(schema: dict) -> tuple[int | None, int | None]:
@@ -259,3 +340,94 @@ def _same_width(low: str, high: str) -> list[str]:
         out.append(" ".join([digit] + ["[0-9]"] * rest))
     out += [f'"{high[0]}" {alt}' for alt in _same_width("0" * rest, high[1:])]
     return out
+
+
+# -- oneOf: proving that no value matches two branches ------------------------------------------
+
+# The kinds of JSON values; "integer" and "fraction" together are JSON Schema's "number".
+_KINDS_OF_TYPE = {"object": {"object"}, "array": {"array"}, "string": {"string"},
+                  "boolean": {"boolean"}, "null": {"null"}, "integer": {"integer"},
+                  "number": {"integer", "fraction"}}
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        return "integer"
+    if isinstance(value, float):
+        return "fraction"
+    return {str: "string", list: "array", dict: "object"}[type(value)]
+
+
+def _values(schema: Any) -> list | None:
+    """The values a schema allows when it lists them (const, enum), else None."""
+    if isinstance(schema, dict):
+        if "const" in schema:
+            return [schema["const"]]
+        if isinstance(schema.get("enum"), list):
+            return schema["enum"]
+    return None
+
+
+def _kinds(schema: Any, resolve) -> set[str] | None:
+    """The kinds of values that may validate against `schema`; None when any may."""
+    schema = resolve(schema)
+    if not isinstance(schema, dict):
+        return None
+    kinds: set[str] | None = None
+    values = _values(schema)
+    if values is not None:
+        kinds = {_kind(v) for v in values}
+    t = schema.get("type")
+    if isinstance(t, (str, list)):
+        declared = set().union(*(_KINDS_OF_TYPE.get(x, set()) for x in
+                                 (t if isinstance(t, list) else [t])))
+        kinds = declared if kinds is None else kinds & declared
+    for key in ("anyOf", "oneOf"):
+        if isinstance(schema.get(key), list):
+            union: set[str] = set()
+            for branch in schema[key]:
+                sub = _kinds(branch, resolve)
+                if sub is None:
+                    break
+                union |= sub
+            else:
+                kinds = union if kinds is None else kinds & union
+    return kinds
+
+
+def _value_key(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 1.0 and 1 are the same JSON Schema value
+    return f"{_kind(value)}:{json.dumps(value, sort_keys=True)}"
+
+
+def _disjoint(a: Any, b: Any, resolve, depth: int = 0) -> bool:
+    """True only if no JSON value validates against both schemas (False: not proved)."""
+    a, b = resolve(a), resolve(b)
+    if depth > MAX_DEPTH or not isinstance(a, dict) or not isinstance(b, dict):
+        return False
+    for one, other in ((a, b), (b, a)):
+        for key in ("anyOf", "oneOf"):
+            if isinstance(one.get(key), list) and all(
+                    _disjoint(branch, other, resolve, depth + 1) for branch in one[key]):
+                return True
+    kinds_a, kinds_b = _kinds(a, resolve), _kinds(b, resolve)
+    if kinds_a is not None and kinds_b is not None and not kinds_a & kinds_b:
+        return True
+    values_a, values_b = _values(a), _values(b)
+    if values_a is not None and values_b is not None and not (
+            {_value_key(v) for v in values_a} & {_value_key(v) for v in values_b}):
+        return True
+    if kinds_a == {"object"} and kinds_b == {"object"}:
+        # A discriminating property: required on both sides, never the same value.
+        props_a, props_b = a.get("properties") or {}, b.get("properties") or {}
+        shared = set(a.get("required") or []) & set(b.get("required") or [])
+        for name in sorted(shared):
+            if name in props_a and name in props_b and _disjoint(
+                    props_a[name], props_b[name], resolve, depth + 1):
+                return True
+    return False

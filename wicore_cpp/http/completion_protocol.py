@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from wicore_cpp.engine.client import SamplingParams
+from wicore_cpp.errors import InvalidRequest, UnsupportedParameter
 from wicore_cpp.http.protocol import Refusal, SamplingFields, parse_body, usage
 
 COMPLETION_REFUSED: dict[str, Refusal] = {
@@ -13,7 +14,8 @@ COMPLETION_REFUSED: dict[str, Refusal] = {
 
 
 class CompletionRequest(SamplingFields):
-    """`POST /v1/completions`: a raw prompt (text or token ids), no chat template."""
+    """`POST /v1/completions`: a raw prompt (text or token ids) or a list of them, no chat
+    template. Choices are numbered prompt-major: prompt p's choice i is `p * n + i`."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(None, ge=0)  # 0 with echo: the prompt alone
@@ -23,19 +25,24 @@ class CompletionRequest(SamplingFields):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value):
-        # A list of one prompt is what batching clients (LangChain) send for one prompt.
-        if isinstance(value, list) and value and isinstance(value[0], (str, list)):
-            if len(value) != 1:
-                raise ValueError("one prompt per request (send a request per prompt)")
-            value = value[0]
+    def _check_prompt(cls, value):
         if isinstance(value, list) and not value:
             raise ValueError("the prompt is empty")
+        if isinstance(value, list) and isinstance(value[0], list) and not all(value):
+            raise ValueError("a prompt in the list is empty")
         return value
 
-    def check(self) -> None:
-        from wicore_cpp.errors import UnsupportedParameter
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the request: one (text or token ids) or a list of them."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
+    def check(self, max_prompts: int) -> None:
+        if len(self.prompts) > max_prompts:
+            raise InvalidRequest(f"at most {max_prompts} prompts in one request on this server "
+                                 f"(max_concurrent_requests)", param="prompt")
         if self.best_of is not None and self.best_of != self.n:
             raise UnsupportedParameter("best_of other than n is not supported", param="best_of")
         if self.echo and self.logprobs is not None:
@@ -51,9 +58,10 @@ class CompletionRequest(SamplingFields):
         return self.sampling_params(max_tokens, self.logprobs)
 
 
-def parse_completion_request(body: bytes) -> CompletionRequest:
+def parse_completion_request(body: bytes, max_prompts: int) -> CompletionRequest:
+    """The request, checked; a list of more than `max_prompts` prompts is refused."""
     request = parse_body(body, CompletionRequest, COMPLETION_REFUSED)
-    request.check()
+    request.check(max_prompts)
     return request
 
 

@@ -18,7 +18,8 @@ from wicore_cpp.http.lifecycle import (
     PRIORITY_HEADER,
     event_stream,
     generating,
-    generation,
+    generations,
+    merged_events,
     request_id_header,
 )
 from wicore_cpp.http.openapi import documented
@@ -33,26 +34,34 @@ routes = web.RouteTableDef()
 
 @routes.post("/v1/completions")
 @generating
-@documented("Text completion of a raw prompt, as JSON or (stream: true) server-sent events",
+@documented("Text completion of a raw prompt (or a list of prompts), as JSON or (stream: true) "
+            "server-sent events",
             request=CompletionRequest, responses={200: TextCompletion},
             errors=(400, 404, 408, 413, 429, 500, 503, 504), event_stream=True,
             headers=(PRIORITY_HEADER,), response_headers=("X-Request-Id",))
 async def completions(request: web.Request) -> web.StreamResponse:
-    """A completion of `prompt`: JSON, or SSE chunks of `text_completion` objects."""
-    req = parse_completion_request(await request.read())
-    params = req.to_sampling_params(request.app[STATE].config.default_max_tokens)
+    """A completion of each prompt: JSON, or SSE chunks of `text_completion` objects. With
+    several prompts, each is an engine request of its own (same priority, each admitted like
+    one request); the choices are numbered prompt-major and the usage is their sum."""
+    state = request.app[STATE]
+    req = parse_completion_request(await request.read(), state.config.max_concurrent_requests)
+    params = req.to_sampling_params(state.config.default_max_tokens)
 
-    def submit(engine, priority, tenant):
-        return engine.complete(req.model, req.prompt, params, priority, tenant=tenant)
+    def submit_for(prompt: str | list[int]):
+        def submit(engine, priority, tenant):
+            return engine.complete(req.model, prompt, params, priority, tenant=tenant)
+        return submit
 
-    async with generation(request, req.priority, submit) as gen:
-        echo = ""
+    prompts = req.prompts
+    async with generations(request, req.priority, [submit_for(p) for p in prompts]) as gens:
+        echoes = [""] * len(gens)
         if req.echo:
-            echo = req.prompt if isinstance(req.prompt, str) else \
-                await request.app[STATE].engine.detokenize(gen.model_id, req.prompt)
+            echoes = [p if isinstance(p, str) else
+                      await state.engine.detokenize(gen.model_id, p)
+                      for p, gen in zip(prompts, gens, strict=True)]
         if req.stream:
-            return await _stream(request, req, gen, echo)
-        return await _complete(req, gen, echo)
+            return await _stream(request, req, gens, echoes)
+        return await _complete(req, gens, echoes)
 
 
 def _choice(index: int, text: str, finish_reason: str | None,
@@ -64,76 +73,91 @@ def _choice(index: int, text: str, finish_reason: str | None,
     return choice
 
 
-async def _complete(req: CompletionRequest, gen: Generation, echo: str) -> web.Response:
-    n = gen.num_choices
-    texts: list[list[str]] = [[echo] for _ in range(n)]
-    ids: list[list[int]] = [[] for _ in range(n)]
-    logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
-    finish: list[str | None] = [None] * n
-    async for event in gen:
+def _usage_counts(gens: list[Generation]) -> tuple[int, int]:
+    """(prompt tokens, cached prompt tokens) of all the prompts together."""
+    return (sum(g.num_prompt_tokens for g in gens), sum(g.num_cached_tokens for g in gens))
+
+
+async def _complete(req: CompletionRequest, gens: list[Generation],
+                    echoes: list[str]) -> web.Response:
+    n = gens[0].num_choices
+    total = n * len(gens)
+    texts: list[list[str]] = [[echoes[c // n]] for c in range(total)]
+    ids: list[list[int]] = [[] for _ in range(total)]
+    logprobs: list[list[TokenLogprob]] = [[] for _ in range(total)]
+    finish: list[str | None] = [None] * total
+    events = merged_events(gens)
+    async for p, event in events:
         if isinstance(event, TokenDelta):
-            i = event.index
-            texts[i].append(event.text)
-            ids[i].extend(event.token_ids)
-            logprobs[i].extend(event.logprobs or ())
-            finish[i] = event.finish_reason or finish[i]
+            c = p * n + event.index
+            texts[c].append(event.text)
+            ids[c].extend(event.token_ids)
+            logprobs[c].extend(event.logprobs or ())
+            finish[c] = event.finish_reason or finish[c]
             continue
         if event.error is not None:
-            raise event.error
-        choices = [_choice(
-            i, "".join(texts[i]), finish[i] or event.finish_reason,
-            completion_logprobs(logprobs[i], len(echo)) if req.logprobs is not None else None,
-            ids[i] if req.return_token_ids else None) for i in range(n)]
-        body = text_completion(gen.request_id, int(time.time()), gen.model_id, choices,
-                               gen.num_prompt_tokens, sum(len(x) for x in ids),
-                               gen.num_cached_tokens)
-        return json_response(body, headers=request_id_header(gen))
-    raise AssertionError("a generation always ends with RequestEnded")
+            raise event.error  # the lifecycle aborts the other prompts
+        for c in range(p * n, (p + 1) * n):
+            finish[c] = finish[c] or event.finish_reason
+    choices = [_choice(
+        c, "".join(texts[c]), finish[c],
+        completion_logprobs(logprobs[c], len(echoes[c // n]))
+        if req.logprobs is not None else None,
+        ids[c] if req.return_token_ids else None) for c in range(total)]
+    prompt_tokens, cached = _usage_counts(gens)
+    body = text_completion(gens[0].request_id, int(time.time()), gens[0].model_id, choices,
+                           prompt_tokens, sum(len(x) for x in ids), cached)
+    return json_response(body, headers=request_id_header(gens[0]))
 
 
-async def _stream(request: web.Request, req: CompletionRequest, gen: Generation,
-                  echo: str) -> web.StreamResponse:
-    """SSE: the echo (if asked), text chunks per decode step and choice, each choice's finish
-    chunk, usage, [DONE]."""
-    enc = ChunkEncoder(gen.request_id, int(time.time()), gen.model_id, obj="text_completion")
-    n = gen.num_choices
-    offsets = [len(echo)] * n
-    ended = [False] * n
+async def _stream(request: web.Request, req: CompletionRequest, gens: list[Generation],
+                  echoes: list[str]) -> web.StreamResponse:
+    """SSE: the echoes (if asked), text chunks per decode step and choice, each choice's
+    finish chunk, usage, [DONE]. An error (other than a timeout) ends the stream with its
+    error event; a prompt that times out finishes its choices and the others go on."""
+    first = gens[0]
+    enc = ChunkEncoder(first.request_id, int(time.time()), first.model_id, obj="text_completion")
+    n = first.num_choices
+    total = n * len(gens)
+    offsets = [len(echoes[c // n]) for c in range(total)]
+    ended = [False] * total
     num_tokens = 0
-    response = event_stream(gen)
+    response = event_stream(first)
     try:
         await response.prepare(request)
-        if echo:
-            for i in range(n):
-                await response.write(enc.event([_choice(i, echo, None, None, None)]))
-        async for event in gen:
+        for c in range(total):
+            if echoes[c // n]:
+                await response.write(enc.event([_choice(c, echoes[c // n], None, None, None)]))
+        events = merged_events(gens)
+        async for p, event in events:
             if isinstance(event, TokenDelta):
-                i = event.index
+                c = p * n + event.index
                 num_tokens += len(event.token_ids)
                 lp = None
                 if req.logprobs is not None and event.logprobs:
-                    lp = completion_logprobs(event.logprobs, offsets[i])
-                offsets[i] += len(event.text)
+                    lp = completion_logprobs(event.logprobs, offsets[c])
+                offsets[c] += len(event.text)
                 if event.text or lp or req.return_token_ids:
                     await response.write(enc.event([_choice(
-                        i, event.text, None, lp,
+                        c, event.text, None, lp,
                         event.token_ids if req.return_token_ids else None)]))
                 if event.finish_reason is not None:
-                    ended[i] = True
-                    await response.write(enc.event([_choice(i, "", event.finish_reason,
+                    ended[c] = True
+                    await response.write(enc.event([_choice(c, "", event.finish_reason,
                                                             None, None)]))
                 continue
             if event.error is not None and event.finish_reason != FINISH_TIMEOUT:
                 await response.write(ChunkEncoder.error(event.error.to_dict()))
-            else:
-                for i in range(n):
-                    if not ended[i]:
-                        await response.write(enc.event([_choice(i, "", event.finish_reason,
-                                                                None, None)]))
-            if req.include_usage:
-                await response.write(enc.usage(gen.num_prompt_tokens, num_tokens,
-                                               gen.num_cached_tokens))
-            await response.write(ChunkEncoder.DONE)
+                break  # the lifecycle aborts the other prompts
+            for c in range(p * n, (p + 1) * n):
+                if not ended[c]:
+                    ended[c] = True
+                    await response.write(enc.event([_choice(c, "", event.finish_reason,
+                                                            None, None)]))
+        if req.include_usage:
+            prompt_tokens, cached = _usage_counts(gens)
+            await response.write(enc.usage(prompt_tokens, num_tokens, cached))
+        await response.write(ChunkEncoder.DONE)
     except (ConnectionResetError, ConnectionError):
-        log.info("client went away from stream %s", gen.request_id)
+        log.info("client went away from stream %s", first.request_id)
     return response

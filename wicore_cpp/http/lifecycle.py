@@ -8,12 +8,13 @@ place or decode slot.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from wicore_cpp.engine.client import EngineClient, Generation, Priority
+from wicore_cpp.engine.client import EngineClient, Event, Generation, Priority, RequestEnded
 from wicore_cpp.errors import InvalidRequest
 from wicore_cpp.http.keys import Caller
 from wicore_cpp.http.openapi import Header
@@ -70,6 +71,19 @@ async def generation(
     """Submit to the engine at the priority the caller's key grants, in the key's fair share;
     on leaving, abort the request if it has not ended and charge the caller for the tokens
     it cost."""
+    async with generations(request, body_priority, [submit]) as gens:
+        yield gens[0]
+
+
+@contextlib.asynccontextmanager
+async def generations(
+    request: web.Request,
+    body_priority: str | None,
+    submits: list[Submit],
+) -> AsyncIterator[list[Generation]]:
+    """`generation` for a request that is several engine requests (a list of prompts): all
+    at the same priority, each admitted by the engine like a request of its own; if one is
+    refused, those already queued are aborted and the refusal is the answer."""
     state = request.app[STATE]
     engine = state.engine
     caller: Caller = request.get(CALLER) or Caller(None, request.remote or "unknown")
@@ -77,13 +91,59 @@ async def generation(
     priority, capped = caller.grant(asked)
     if capped:
         request[PRIORITY_CEILING] = priority.name.lower()
-    gen = await submit(engine, priority, caller.tenant)
-    request[GENERATION] = gen
+    gens: list[Generation] = []
     try:
-        yield gen
+        for submit in submits:
+            gens.append(await submit(engine, priority, caller.tenant))
+            if len(gens) == 1:
+                request[GENERATION] = gens[0]
+        yield gens
     finally:
-        state.engine.abort(gen.request_id)
-        state.limits.charge(caller, gen.num_tokens_used)
+        for gen in gens:
+            state.engine.abort(gen.request_id)
+        state.limits.charge(caller, sum(gen.num_tokens_used for gen in gens))
+
+
+def merged_events(gens: list[Generation]) -> AsyncIterator[tuple[int, Event]]:
+    """(which generation, event) from several generations as the events come; each
+    generation's `RequestEnded` is passed on, and the iteration ends after the last. A
+    consumer may stop early: the generations' own abort (see `generations`) ends them."""
+    if len(gens) == 1:
+        return _single(gens[0])
+    return _MergedEvents(gens)
+
+
+async def _single(gen: Generation) -> AsyncIterator[tuple[int, Event]]:
+    async for event in gen:
+        yield 0, event
+
+
+class _MergedEvents:
+    """Events of several generations through one queue, a task per generation feeding it."""
+
+    def __init__(self, gens: list[Generation]):
+        self._queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self._left = len(gens)
+        self._tasks = [asyncio.create_task(self._pump(i, g)) for i, g in enumerate(gens)]
+
+    async def _pump(self, i: int, gen: Generation) -> None:
+        async for event in gen:
+            self._queue.put_nowait((i, event))
+
+    def __aiter__(self) -> _MergedEvents:
+        return self
+
+    async def __anext__(self) -> tuple[int, Event]:
+        if self._left == 0:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item[1], RequestEnded):
+            self._left -= 1
+        return item
+
+    def __del__(self) -> None:
+        for task in self._tasks:
+            task.cancel()
 
 
 def request_id_header(gen: Generation) -> dict[str, str]:
