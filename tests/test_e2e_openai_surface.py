@@ -162,7 +162,8 @@ def test_forced_tool_calls_are_well_formed(client, tool_choice, names):
     _check_calls(choice.message.tool_calls, names)
     if not isinstance(tool_choice, str):
         assert len(choice.message.tool_calls) == 1
-    # Streamed: OpenAI's delta.tool_calls chunks, accumulated by index.
+    # Streamed as OpenAI does: per call a first chunk with its id, type and name (arguments
+    # empty), then its arguments in pieces as they are written; accumulated by index.
     stream = client.chat.completions.create(**kwargs, stream=True)
     calls: dict[int, dict] = {}
     finishes = []
@@ -172,13 +173,23 @@ def test_forced_tool_calls_are_well_formed(client, tool_choice, names):
         delta = chunk.choices[0].delta
         assert not delta.content
         for tc in delta.tool_calls or []:
-            slot = calls.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
-            slot["id"] = tc.id or slot["id"]
-            slot["name"] += (tc.function.name or "") if tc.function else ""
-            slot["arguments"] += (tc.function.arguments or "") if tc.function else ""
+            if tc.index not in calls:
+                assert tc.id.startswith("call_") and tc.type == "function"
+                assert tc.function.name in names and tc.function.arguments == ""
+                calls[tc.index] = {"id": tc.id, "name": tc.function.name, "arguments": "",
+                                   "pieces": 0}
+                continue
+            slot = calls[tc.index]
+            assert tc.id is None and not tc.function.name
+            slot["arguments"] += tc.function.arguments
+            slot["pieces"] += 1
         if chunk.choices[0].finish_reason:
             finishes.append(chunk.choices[0].finish_reason)
     assert finishes == ["tool_calls"]
+    assert sorted(calls) == list(range(len(calls)))
+    assert len({c["id"] for c in calls.values()}) == len(calls)
+    # The arguments came token by token, not in one piece at the end.
+    assert all(c["pieces"] > 1 for c in calls.values() if len(c["arguments"]) > 8)
     assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [
         (tc.function.name, json.loads(tc.function.arguments))
         for tc in choice.message.tool_calls]

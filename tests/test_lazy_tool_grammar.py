@@ -7,6 +7,7 @@ in a child process (an abort would otherwise take pytest down)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -43,26 +44,38 @@ def drive(model_path: str) -> None:
         "newline first": char_tokens("\n  " + CALL),
         "list": char_tokens("[" + CALL + "]"),
         "prose": char_tokens("It is noon."),
+        # Two spaces: not how the grammar writes a call, so neither trigger nor mirror fire.
+        "loose": char_tokens('{  "name": "get_time"'),
     }
     report = {}
+    triggers = [re.compile(p) for p in spec["grammar_triggers"]]
+    (stray,) = char_tokens("Q")
     for name, tokens in cases.items():
         sampler = init_grammar(model, grammar, spec["grammar_triggers"])
         one = (lc.llama_token_data * 1)()
+
+        def allows(token: int) -> bool:
+            one[0].id, one[0].logit, one[0].p = token, 0.0, 0.0
+            lc.llama_sampler_apply(sampler, lc.llama_token_data_array(one, 1, -1, False))
+            return one[0].logit != float("-inf")
+
         allowed = []
+        # The front end's mirror of the trigger (ToolCallParser streams calls once it fired):
+        # whenever it has fired, the grammar must hold the text (a stray letter is refused).
+        text, fired, mirror_sound = "", False, True
         for t in tokens:
-            one[0].id, one[0].logit, one[0].p = t, 0.0, 0.0
-            arr = lc.llama_token_data_array(one, 1, -1, False)
-            lc.llama_sampler_apply(sampler, arr)
-            ok = one[0].logit != float("-inf")
+            ok = allows(t)
             allowed.append(ok)
             if not ok:
                 break
             lc.llama_sampler_accept(sampler, t)
+            text += model.piece(t).decode("utf-8", "replace")
+            fired = fired or any(p.fullmatch(text) for p in triggers)
+            if fired and allows(stray):
+                mirror_sound = False
         # Once triggered, the grammar constrains: a stray letter is refused.
-        (stray,) = char_tokens("Q")
-        one[0].id, one[0].logit = stray, 0.0
-        lc.llama_sampler_apply(sampler, lc.llama_token_data_array(one, 1, -1, False))
-        report[name] = {"all_allowed": all(allowed), "stray_allowed": one[0].logit != float("-inf")}
+        report[name] = {"all_allowed": all(allowed), "stray_allowed": allows(stray),
+                        "mirror_fired": fired, "mirror_sound": mirror_sound}
         lc.llama_sampler_free(sampler)
     print(json.dumps(report))  # noqa: T201 - the report goes to the parent test on stdout
 
@@ -79,4 +92,10 @@ def test_triggers_only_ever_replay_text_the_grammar_accepts(demo_model_path):
         # After a complete call only the end of generation is allowed.
         assert not report[case]["stray_allowed"], case
     # Prose never triggers: the grammar stays out of the way.
-    assert report["prose"] == {"all_allowed": True, "stray_allowed": True}
+    for case in ("prose", "loose"):
+        assert report[case] == {"all_allowed": True, "stray_allowed": True,
+                                "mirror_fired": False, "mirror_sound": True}, case
+    # The front end's mirror of the trigger fired for every call, and only ever where the
+    # grammar had taken over: streaming a call from there on is safe.
+    for case in ("tokenizer", "chars", "newline first", "list"):
+        assert report[case]["mirror_fired"] and report[case]["mirror_sound"], case

@@ -9,10 +9,12 @@ import jsonschema
 import pytest
 
 from wicore_cpp.engine.tool_calls import (
+    CallDelta,
     ToolCallParser,
     ToolFunction,
     ToolSpec,
     call_schema,
+    call_triggers,
     parse_calls,
     render_conversation,
 )
@@ -133,6 +135,84 @@ def test_forced_parser_holds_everything():
     parser = ToolCallParser(ToolSpec((TIME,), "required"))
     assert parser.feed("Sure") == ""
     assert parser.finish() == ("Sure", [])
+
+
+def _stream(parser: ToolCallParser, pieces: list[str]) -> tuple[str, list[list[CallDelta]]]:
+    """Feed the pieces; (text shown, call deltas given out after each piece)."""
+    shown, deltas = "", []
+    for piece in pieces:
+        text, calls = parser.feed_stream(piece)
+        shown += text
+        deltas.append(calls)
+    return shown, deltas
+
+
+def _assemble(deltas: list[list[CallDelta]]) -> list[tuple[str, str, str]]:
+    calls: dict[int, list[str]] = {}
+    for d in (d for step in deltas for d in step):
+        if d.id is not None:
+            assert d.index not in calls and d.arguments == ""  # the head comes first, once
+            calls[d.index] = [d.id, d.name, ""]
+        else:
+            calls[d.index][2] += d.arguments
+    return [tuple(c) for _, c in sorted(calls.items())]
+
+
+def test_a_forced_call_streams_as_it_is_written():
+    spec = ToolSpec((WEATHER, TIME), "required", None, True)
+    parser = ToolCallParser(spec, stream_calls=True)
+    pieces = ['{"name": "get_', 'weather", "parameters": ', '{"city', '": "Pa', 'ris \\"}{"}',
+              '}']
+    shown, deltas = _stream(parser, pieces)
+    assert shown == ""
+    assert deltas[0] == []  # the name is not complete yet
+    assert deltas[1][0].name == "get_weather" and deltas[1][0].id.startswith("call_")
+    assert [d.arguments for d in deltas[2] + deltas[3]] == ['{"city', '": "Pa']  # at once
+    assert deltas[5] == []  # the call's closing brace is not part of its arguments
+    [(call_id, name, args)] = _assemble(deltas)
+    assert json.loads(args) == {"city": "Paris \"}{"}
+    text, calls = parser.finish()
+    assert text == "" and parser.calls_complete
+    assert [(c.id, c.name, c.arguments) for c in calls] == [(call_id, name, args)]
+
+
+def test_a_list_of_calls_streams_call_by_call():
+    spec = ToolSpec((WEATHER, TIME), "required", None, True)
+    parser = ToolCallParser(spec, stream_calls=True)
+    text = ('[{"name": "get_time", "parameters": {}},\n {"name": "get_weather", '
+            '"parameters": {"city": "Lima", "x": [1, {"y": "]"}]}}]')
+    shown, deltas = _stream(parser, [text[i:i + 3] for i in range(0, len(text), 3)])
+    calls = _assemble(deltas)
+    assert [(n, json.loads(a)) for _, n, a in calls] == [
+        ("get_time", {}), ("get_weather", {"city": "Lima", "x": [1, {"y": "]"}]})]
+    assert len({i for i, _, _ in calls}) == 2 and parser.calls_complete
+
+
+def test_auto_streams_a_call_only_once_the_grammar_trigger_matched():
+    parser = ToolCallParser(SPEC, stream_calls=True, trigger_patterns=call_triggers(SPEC))
+    shown, deltas = _stream(parser, ["{", '"name":', ' "get_time", "parameters": {', "}}"])
+    assert shown == "" and _assemble(deltas)[0][1:] == ("get_time", "{}")
+    assert parser.streams_calls
+    # Prose streams as before; a call the trigger never saw (in a fence) comes at the end.
+    prose = ToolCallParser(SPEC, stream_calls=True, trigger_patterns=call_triggers(SPEC))
+    assert _stream(prose, ["It is", " noon."]) == ("It is noon.", [[], []])
+    fenced = ToolCallParser(SPEC, stream_calls=True, trigger_patterns=call_triggers(SPEC))
+    shown, deltas = _stream(fenced, ["```json\n", '{"name": "get_time", "parameters": {}}',
+                                     "\n```"])
+    assert shown == "" and deltas == [[], [], []] and not fenced.streams_calls
+    assert [c.name for c in fenced.finish()[1]] == ["get_time"]
+    # A JSON answer that is not a call is never streamed as one, and ends as content.
+    answer = ToolCallParser(SPEC, stream_calls=True, trigger_patterns=call_triggers(SPEC))
+    assert _stream(answer, ['{"na', 'me2": 1}']) == ("", [[], []])
+    assert answer.finish() == ('{"name2": 1}', [])
+
+
+def test_a_call_cut_short_is_not_complete():
+    parser = ToolCallParser(ToolSpec((WEATHER,), "function", "get_weather"), stream_calls=True)
+    _, deltas = _stream(parser, ['{"name": "get_weather", "parameters": {"city": "Li'])
+    assert _assemble(deltas)[0][2] == '{"city": "Li'
+    assert not parser.calls_complete
+    assert parser.finish() == ("", [])  # no complete call
 
 
 @pytest.mark.parametrize("spec, valid, invalid", [

@@ -9,7 +9,7 @@ before the first event, as a `WicoreError` the edge maps to HTTP.
 
 The edge also imports the engine's request-side types from here (and only from here), so
 this module re-exports them: sampling parameters, the tool-call format (`ToolSpec`,
-`ToolCallParser`) and the output constraints (`ResponseFormat`).
+`ToolCallParser`, `CallDelta`, `call_triggers`) and the output constraints (`ResponseFormat`).
 """
 
 from __future__ import annotations
@@ -44,11 +44,13 @@ from wicore_cpp.engine.schema_grammar import check_schema
 from wicore_cpp.engine.stats import EngineObserver, EngineStats, RequestRecord, WorkerStats
 from wicore_cpp.engine.tokenizer import PromptJob, PromptTokenizer
 from wicore_cpp.engine.tool_calls import (
+    CallDelta,
     ToolCall,
     ToolCallParser,
     ToolFunction,
     ToolSpec,
     call_schema,
+    call_triggers,
     render_conversation,
 )
 from wicore_cpp.engine.workers import ModelFiles
@@ -58,6 +60,7 @@ from wicore_cpp.logs import LogSettings
 
 __all__ = [
     "FINISH_TIMEOUT",
+    "CallDelta",
     "EngineClient",
     "EngineHealth",
     "EngineObserver",
@@ -78,6 +81,7 @@ __all__ = [
     "ToolFunction",
     "ToolSpec",
     "WorkerStats",
+    "call_triggers",
 ]
 
 log = logging.getLogger("wicore.engine")
@@ -86,14 +90,6 @@ DEFAULT_CTX_SIZE = 32768
 CAPABILITIES = ("chat", "completions", "tools", "json_object", "json_schema", "logprobs",
                 "tokenize")
 MAX_TOP_LOGPROBS = 20
-
-# The lazy tool-call grammar (tool_choice "auto") takes over when the whole answer so far is
-# the start of a call, exactly as the grammar would write it (so what llama.cpp replays into
-# the grammar always fits it): `{"name": "` or `[{"name": "`, with the optional single
-# spaces the grammar allows. The list form only where the grammar allows several calls: a
-# replayed text the grammar refuses would abort the worker.
-CALL_TRIGGER = r'^\s*(\{ ?"name" ?: ?"?)$'
-CALLS_TRIGGER = r'^\s*(\[ ?\{ ?"name" ?: ?"?)$'
 
 
 @dataclass(slots=True, frozen=True)
@@ -415,5 +411,4 @@ def _constraint(tools: ToolSpec | None, response_format: ResponseFormat | None) 
         # Either calls or the JSON answer, from the first token on.
         return {"schema": {"anyOf": [calls, answer]}, "schema_param": "tools"}
     # Free text, unless the answer starts as a call: then the call is held to its schema.
-    triggers = (CALL_TRIGGER, CALLS_TRIGGER) if tools.parallel else (CALL_TRIGGER,)
-    return {"schema": calls, "schema_param": "tools", "grammar_triggers": triggers}
+    return {"schema": calls, "schema_param": "tools", "grammar_triggers": call_triggers(tools)}

@@ -31,11 +31,15 @@ from `call_schema` by the tokenizer helper.
 from __future__ import annotations
 
 import json
+import logging
+import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from wicore_cpp.errors import InvalidRequest
+
+log = logging.getLogger("wicore.tools")
 
 CHOICES = ("none", "auto", "required", "function")
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}
@@ -72,6 +76,21 @@ class ToolCall:
     id: str
     name: str
     arguments: str  # JSON text of the arguments object
+
+
+# The lazy tool-call grammar (tool_choice "auto") takes over when the whole answer so far is
+# the start of a call, exactly as the grammar would write it (so what llama.cpp replays into
+# the grammar always fits it): `{"name": "` or `[{"name": "`, with the optional single
+# spaces the grammar allows. The list form only where the grammar allows several calls: a
+# replayed text the grammar refuses would abort the worker. llama.cpp matches them against
+# the whole output after every token.
+CALL_TRIGGER = r'^\s*(\{ ?"name" ?: ?"?)$'
+CALLS_TRIGGER = r'^\s*(\[ ?\{ ?"name" ?: ?"?)$'
+
+
+def call_triggers(spec: ToolSpec) -> tuple[str, ...]:
+    """The trigger patterns of the lazy call grammar for `spec` (tool_choice "auto")."""
+    return (CALL_TRIGGER, CALLS_TRIGGER) if spec.parallel else (CALL_TRIGGER,)
 
 
 def new_call_id() -> str:
@@ -213,6 +232,146 @@ def parse_calls(text: str, spec: ToolSpec) -> list[ToolCall] | None:
     return calls
 
 
+@dataclass(slots=True, frozen=True)
+class CallDelta:
+    """A piece of a streamed tool call: its head (`id` and `name` set, the call's first
+    chunk) or a piece of its arguments' JSON text. `index` numbers the calls of a choice."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"parameters"\s*:\s*')
+_MAX_HEAD = 400  # a head longer than this without matching is not one the grammar wrote
+
+
+@dataclass(slots=True)
+class _CallScanner:
+    """Reads calls as the call grammar writes them, `{"name": "f", "parameters": {...}}` or a
+    JSON list of them, as the text streams in: each call's head once its name is complete,
+    then its arguments as they come. Only used where a grammar holds the text to that shape,
+    so a deviation means the text was cut (or is not a call after all: `failed`)."""
+
+    functions: frozenset[str]
+    list_allowed: bool
+    text: str = ""
+    pos: int = 0
+    state: str = "start"  # start, head, args, close, next, done, failed
+    is_list: bool = False
+    depth: int = 0
+    in_string: bool = False
+    escaped: bool = False
+    calls: list[ToolCall] = field(default_factory=list)  # complete calls
+    args: list[str] = field(default_factory=list)  # the arguments of the call being read
+    head: tuple[str, str] | None = None  # (id, name) of the call being read
+
+    @property
+    def num_started(self) -> int:
+        return len(self.calls) + (self.head is not None)
+
+    def feed(self, text: str) -> list[CallDelta]:
+        self.text += text
+        out: list[CallDelta] = []
+        while self.state not in ("done", "failed"):
+            if not self._step(out):
+                break
+        return out
+
+    def _skip_space(self) -> bool:
+        """Skip white space; False when the text ends first."""
+        while self.pos < len(self.text) and self.text[self.pos] in " \t\r\n":
+            self.pos += 1
+        return self.pos < len(self.text)
+
+    def _step(self, out: list[CallDelta]) -> bool:
+        """Advance one state; False when more text is needed."""
+        if self.state == "start":
+            if not self._skip_space():
+                return False
+            if self.text[self.pos] == "[" and self.list_allowed:
+                self.is_list = True
+                self.pos += 1
+            self.state = "head"
+        elif self.state == "head":
+            match = _HEAD.match(self.text, self.pos)
+            if match is None:
+                if len(self.text) - self.pos > _MAX_HEAD:
+                    self.state = "failed"
+                return False
+            name = json.loads(match.group(1))
+            if name not in self.functions:
+                self.state = "failed"
+                return False
+            self.head = (new_call_id(), name)
+            self.args = []
+            out.append(CallDelta(len(self.calls), self.head[0], name))
+            self.pos = match.end()
+            self.state, self.depth = "args", 0
+        elif self.state == "args":
+            if self.depth == 0 and not self.args and not self._skip_space():
+                return False
+            start = self.pos
+            end = self._scan_value()
+            piece = self.text[start:self.pos]
+            if piece:
+                self.args.append(piece)
+                out.append(CallDelta(len(self.calls), arguments=piece))
+            if not end:
+                return False
+            self.state = "close"
+        elif self.state == "close":
+            if not self._skip_space():
+                return False
+            if self.text[self.pos] != "}":
+                self.state = "failed"
+                return False
+            self.pos += 1
+            assert self.head is not None
+            self.calls.append(ToolCall(self.head[0], self.head[1], "".join(self.args)))
+            self.head = None
+            self.state = "next" if self.is_list else "done"
+        elif self.state == "next":
+            if not self._skip_space():
+                return False
+            c = self.text[self.pos]
+            self.pos += 1
+            if c == ",":
+                self.state = "head"
+            elif c == "]":
+                self.state = "done"
+            else:
+                self.state = "failed"
+        return True
+
+    def _scan_value(self) -> bool:
+        """Move over the arguments object; True once it is closed."""
+        text = self.text
+        while self.pos < len(text):
+            c = text[self.pos]
+            self.pos += 1
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif c == "\\":
+                    self.escaped = True
+                elif c == '"':
+                    self.in_string = False
+            elif c == '"':
+                self.in_string = True
+            elif c in "{[":
+                self.depth += 1
+            elif c in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    return True
+            elif self.depth == 0 and c not in " \t\r\n":
+                self.state = "failed"  # the arguments must be an object
+                return False
+        return False
+
+
 class ToolCallParser:
     """Separates one choice's tool calls from its text as the text streams in.
 
@@ -220,30 +379,84 @@ class ToolCallParser:
     `{`, `[` or a code fence, after white space) is held until the choice ends and then
     becomes calls, or, if it is not a well-formed call, content after all. A forced call
     (`required`, a named function) is always held.
+
+    With `stream_calls`, calls are given out as they are written (`CallDelta`s, as OpenAI
+    streams them) wherever a grammar guarantees that the text is a call: from the first
+    token for a forced call, and for `auto` once the answer so far matches the lazy
+    grammar's trigger (`trigger_patterns`; checked, as llama.cpp does, at every delta, which
+    must then end on a token boundary: no stop strings). Elsewhere they come at the end.
     """
 
-    def __init__(self, spec: ToolSpec):
+    def __init__(self, spec: ToolSpec, *, stream_calls: bool = False,
+                 trigger_patterns: tuple[str, ...] = ()):
         self.spec = spec
         self._held: list[str] = []
         self._passing = False
+        self._triggers = tuple(re.compile(p) for p in trigger_patterns) if stream_calls else ()
+        self._scanner: _CallScanner | None = None
+        if stream_calls and spec.is_forced:
+            self._scanner = self._new_scanner()
+
+    def _new_scanner(self) -> _CallScanner:
+        names = frozenset(f.name for f in self.spec.functions
+                          if self.spec.choice != "function" or f.name == self.spec.named)
+        return _CallScanner(names, self.spec.parallel and self.spec.choice != "function")
+
+    @property
+    def calls_complete(self) -> bool:
+        """Whether the streamed calls were written to their end."""
+        return self._scanner is not None and self._scanner.state == "done"
+
+    @property
+    def streams_calls(self) -> bool:
+        """Whether calls are being given out as they are written."""
+        return self._scanner is not None
 
     def feed(self, text: str) -> str:
-        """Text to send now (possibly empty)."""
+        """Text to send now (possibly empty). Without `stream_calls`."""
+        shown, _ = self.feed_stream(text)
+        return shown
+
+    def feed_stream(self, text: str) -> tuple[str, list[CallDelta]]:
+        """Text to send now (possibly empty) and pieces of calls to send now."""
         if self._passing:
-            return text
+            return text, []
         self._held.append(text)
+        if self._scanner is None and self._triggers:
+            held = "".join(self._held)
+            if any(t.fullmatch(held) for t in self._triggers):
+                self._scanner = self._new_scanner()
+                self._held = [held]
+                return "", self._scanner.feed(held)
+        if self._scanner is not None:
+            deltas = self._scanner.feed(text)
+            if self._scanner.state == "failed":
+                self._scanner_failed()
+            return "", deltas
         if self.spec.is_forced:
-            return ""
+            return "", []
         start = "".join(self._held).lstrip()
         if not start or start[0] in "{[" or start.startswith("```") or "```".startswith(start):
-            return ""
+            return "", []
         self._passing = True
         out, self._held = "".join(self._held), []
-        return out
+        return out, []
+
+    def _scanner_failed(self) -> None:
+        scanner = self._scanner
+        assert scanner is not None
+        if scanner.num_started == 0:
+            self._scanner = None  # nothing was sent: hold it, and decide at the end
+            self._triggers = ()
+        else:
+            log.warning("a streamed tool call did not go on as a call; the rest is dropped")
 
     def finish(self) -> tuple[str, list[ToolCall]]:
-        """At the end of the choice: (text not yet sent, calls)."""
+        """At the end of the choice: (text not yet sent, calls). When calls were streamed,
+        the calls are those complete (already sent) and no text is left."""
         held, self._held = "".join(self._held), []
+        if self._scanner is not None:
+            return "", list(self._scanner.calls)
         if self._passing:
             return held, []
         calls = parse_calls(held, self.spec)

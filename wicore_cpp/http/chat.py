@@ -11,12 +11,14 @@ from aiohttp import web
 
 from wicore_cpp.engine.client import (
     FINISH_TIMEOUT,
+    CallDelta,
     Generation,
     TokenDelta,
     TokenLogprob,
     ToolCall,
     ToolCallParser,
     ToolSpec,
+    call_triggers,
 )
 from wicore_cpp.http.chat_protocol import (
     ChatCompletionRequest,
@@ -58,8 +60,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                                chat.to_sampling_params(max_tokens), priority,
                                tools=tools, response_format=chat.output_format(), tenant=tenant)
 
+    # Streamed calls go out as they are written wherever a grammar holds the text to a call
+    # (see ToolCallParser): not where a JSON answer is the alternative to calls, and not with
+    # stop strings (text held back for them would hide where the trigger matched).
+    stream_calls = (chat.stream and tools is not None and tools.is_active
+                    and (tools.is_forced or (chat.output_format() is None
+                                             and not chat.stop_sequences)))
     async with generation(request, chat.priority, submit) as gen:
-        choices = [_Choice(i, tools, chat.logprobs) for i in range(gen.num_choices)]
+        choices = [_Choice(i, tools, chat.logprobs, stream_calls)
+                   for i in range(gen.num_choices)]
         if chat.stream:
             return await _stream(request, chat, gen, choices)
         return await _complete(chat, gen, choices)
@@ -72,6 +81,7 @@ class _Choice:
     index: int
     tools: ToolSpec | None
     wants_logprobs: bool
+    stream_calls: bool = False
     parser: ToolCallParser | None = None
     texts: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
@@ -80,18 +90,24 @@ class _Choice:
 
     def __post_init__(self) -> None:
         if self.tools is not None and self.tools.is_active:
-            self.parser = ToolCallParser(self.tools)
+            self.parser = ToolCallParser(
+                self.tools, stream_calls=self.stream_calls,
+                trigger_patterns=() if self.tools.is_forced else call_triggers(self.tools))
 
-    def add(self, event: TokenDelta) -> str:
-        """Take a delta; returns the text that may be shown now."""
+    def add(self, event: TokenDelta) -> tuple[str, list[CallDelta]]:
+        """Take a delta; returns the text that may be shown now and the pieces of tool calls
+        that may be sent now."""
         self.token_ids.extend(event.token_ids)
         if event.logprobs:
             self.logprobs.extend(event.logprobs)
         if event.finish_reason is not None:
             self.finish_reason = event.finish_reason
-        text = event.text if self.parser is None else self.parser.feed(event.text)
+        if self.parser is None:
+            text, calls = event.text, []
+        else:
+            text, calls = self.parser.feed_stream(event.text)
         self.texts.append(text)
-        return text
+        return text, calls
 
     def end(self) -> tuple[str, list[ToolCall]]:
         """Text held back and the tool calls found, once the choice is over."""
@@ -107,7 +123,7 @@ async def _complete(chat: ChatCompletionRequest, gen: Generation,
     """Wait for the whole completion; failures become their HTTP error."""
     async for event in gen:
         if isinstance(event, TokenDelta):
-            choices[event.index].add(event)
+            choices[event.index].add(event)  # calls are taken whole at the end
             continue
         if event.error is not None:
             raise event.error  # a timeout too is its error (504): nothing was sent yet
@@ -139,11 +155,13 @@ async def _stream(request: web.Request, chat: ChatCompletionRequest, gen: Genera
         async for event in gen:
             if isinstance(event, TokenDelta):
                 c = choices[event.index]
-                text = c.add(event)
+                text, calls = c.add(event)
                 logprobs = event.logprobs if chat.logprobs else None
                 if text or with_ids or logprobs:
                     await response.write(enc.content(
                         text, event.token_ids if with_ids else None, c.index, logprobs))
+                for part in calls:
+                    await response.write(enc.tool_call_delta(c.index, part))
                 if c.finish_reason is not None:
                     await _end_choice(response, enc, c, c.finish_reason)
                 continue
@@ -167,9 +185,13 @@ async def _stream(request: web.Request, chat: ChatCompletionRequest, gen: Genera
 
 async def _end_choice(response: web.StreamResponse, enc: ChunkEncoder, c: _Choice,
                       reason: str) -> None:
+    streamed = c.parser is not None and c.parser.streams_calls
     rest, calls = c.end()
     if rest:
         await response.write(enc.content(rest, index=c.index))
-    for chunk in enc.tool_calls(c.index, calls):
-        await response.write(chunk)
-    await response.write(enc.finish("tool_calls" if calls else reason, c.index))
+    if not streamed:
+        for chunk in enc.tool_calls(c.index, calls):
+            await response.write(chunk)
+    # A call cut short (max_tokens) was streamed in part: the reason stays "length".
+    complete = not streamed or c.parser.calls_complete
+    await response.write(enc.finish("tool_calls" if calls and complete else reason, c.index))

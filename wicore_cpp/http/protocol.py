@@ -295,6 +295,17 @@ class ChunkEncoder:
                                         "finish_reason": None}]))
         return out
 
+    def tool_call_delta(self, index: int, part) -> bytes:
+        """One piece of a tool call being streamed (a `CallDelta`): its head (id, type,
+        name, empty arguments) or a piece of its arguments."""
+        if part.id is not None:
+            call = {"index": part.index, "id": part.id, "type": "function",
+                    "function": {"name": part.name, "arguments": part.arguments}}
+        else:
+            call = {"index": part.index, "function": {"arguments": part.arguments}}
+        return self.event([{"index": index, "delta": {"tool_calls": [call]},
+                            "finish_reason": None}])
+
     def finish(self, reason: str, index: int = 0) -> bytes:
         return self.event([{"index": index, "delta": {}, "finish_reason": reason}])
 
