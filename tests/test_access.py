@@ -402,3 +402,29 @@ async def test_cors_is_off_by_default(api):
                      "Access-Control-Request-Method": "POST"}) as r:
         assert r.status == 405
         assert "Access-Control-Allow-Origin" not in r.headers
+
+
+async def test_the_openapi_document_says_which_operations_need_a_key(keyed):
+    """Both key schemes are described; every operation that needs a key names them (either
+    one) and documents 401, open ones ask for none; and that is what the server does."""
+    status, doc, _ = await call(keyed, SECRETS["carol"], "/openapi.json", method="GET")
+    assert status == 200
+    schemes = doc["components"]["securitySchemes"]
+    assert schemes["bearerAuth"] == {"type": "http", "scheme": "bearer",
+                                     "description": schemes["bearerAuth"]["description"]}
+    assert (schemes["apiKeyHeader"]["type"], schemes["apiKeyHeader"]["in"],
+            schemes["apiKeyHeader"]["name"]) == ("apiKey", "header", "x-api-key")
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            if method != "get" or "{" in path:
+                continue
+            status, _, _ = await call(keyed, None, path, method="GET")
+            if op["security"] == []:
+                assert status != 401, path
+            else:
+                assert op["security"] == [{"bearerAuth": []}, {"apiKeyHeader": []}], path
+                assert "401" in op["responses"] and status == 401, path
+    assert doc["paths"]["/health"]["get"]["security"] == []
+    assert "403" in doc["paths"]["/metrics"]["get"]["responses"]  # admin keys only here
+    chat = doc["paths"]["/v1/chat/completions"]["post"]
+    assert chat["security"] and "401" in chat["responses"]

@@ -281,6 +281,11 @@ async def test_bad_priority_header_and_bad_json(api):
     async with api.session.post(f"{api.url}/v1/chat/completions", json={"messages": HELLO},
                                 headers={"X-Priority": "whenever"}) as r:
         assert_error(r.status, await r.json(), 400, "invalid_request_error", param="X-Priority")
+    # Also beside a good body priority (which would win): a bad header is not ignored.
+    async with api.session.post(f"{api.url}/v1/chat/completions",
+                                json={"messages": HELLO, "priority": "high"},
+                                headers={"X-Priority": "whenever"}) as r:
+        assert_error(r.status, await r.json(), 400, "invalid_request_error", param="X-Priority")
     async with api.session.post(f"{api.url}/v1/chat/completions", data=b"{not json") as r:
         assert_error(r.status, await r.json(), 400, "invalid_request_error")
     async with api.session.post(f"{api.url}/v1/chat/completions", data=b"[1, 2]") as r:

@@ -17,6 +17,9 @@ async def test_the_document_is_served_and_lists_every_route(api):
     listed = {(path, method) for path, ops in doc["paths"].items() for method in ops}
     assert listed == routes
     assert ("/v1/chat/completions", "post") in listed and ("/openapi.json", "get") in listed
+    # The key schemes are described; with keys off no operation asks for one.
+    assert set(doc["components"]["securitySchemes"]) == {"bearerAuth", "apiKeyHeader"}
+    assert not any("security" in op for ops in doc["paths"].values() for op in ops.values())
 
 
 async def test_every_route_is_documented(api):

@@ -27,6 +27,16 @@ from wicore_cpp.config import ConfigError
 from wicore_cpp.engine.client import Priority
 from wicore_cpp.errors import InvalidApiKey
 
+# Paths answered without a key; monitoring paths need one only with admin_only_monitoring.
+OPEN_PATHS = frozenset({"/health", "/"})
+MONITORING_PATHS = frozenset({"/status", "/metrics"})
+
+
+def needs_key(path: str, admin_only_monitoring: bool) -> bool:
+    """Whether a request to `path` must present an API key (when keys are on)."""
+    return path not in OPEN_PATHS and (path not in MONITORING_PATHS or admin_only_monitoring)
+
+
 
 class _KeyEntry(BaseModel):
     """One entry of the key file, validated once at start-up."""

@@ -34,7 +34,8 @@ SSE_HEADERS = {
 
 
 PRIORITY_HEADER = Header(
-    "X-Priority", "low, normal, high or urgent (any letter case); the body's `priority` wins",
+    "X-Priority", "low, normal, high or urgent (any letter case); the body's `priority` wins "
+    "when both are sent (both must be valid)",
     {"type": "string", "pattern": PRIORITY_PATTERN},
 )
 
@@ -51,15 +52,18 @@ def is_generating(request: web.Request) -> bool:
 
 def resolve_priority(body_value: str | None, header_value: str | None,
                      default: Priority | None = Priority.NORMAL) -> Priority | None:
-    """Body field `priority` wins over header `X-Priority`; `default` when neither is sent."""
-    value = body_value if body_value is not None else header_value
-    if value is None:
-        return default
-    try:
-        return Priority.parse(value)
-    except ValueError as exc:
-        param = "priority" if body_value is not None else "X-Priority"
-        raise InvalidRequest(str(exc), param=param) from None
+    """Body field `priority` wins over header `X-Priority`; `default` when neither is sent.
+    Each one sent must be valid, also the one that does not win (nothing sent is ignored
+    unchecked)."""
+    parsed: dict[str, Priority] = {}
+    for param, value in (("priority", body_value), ("X-Priority", header_value)):
+        if value is None:
+            continue
+        try:
+            parsed[param] = Priority.parse(value)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param=param) from None
+    return parsed.get("priority", parsed.get("X-Priority", default))
 
 
 @contextlib.asynccontextmanager

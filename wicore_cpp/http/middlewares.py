@@ -22,7 +22,7 @@ from wicore_cpp.errors import (
     WicoreError,
     excerpt,
 )
-from wicore_cpp.http.keys import Caller, presented_key
+from wicore_cpp.http.keys import MONITORING_PATHS, Caller, needs_key, presented_key
 from wicore_cpp.http.lifecycle import is_generating
 from wicore_cpp.http.protocol import json_response
 from wicore_cpp.http.state import CALLER, GENERATION, PRIORITY_CEILING, STATE
@@ -84,8 +84,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 # Open with API keys on: liveness probes and the banner; monitoring too unless it is
 # admin-only. Everything else needs a key.
-OPEN_PATHS = frozenset({"/health", "/"})
-MONITORING_PATHS = frozenset({"/status", "/metrics"})
 
 
 @web.middleware
@@ -99,8 +97,7 @@ async def api_key_middleware(request: web.Request, handler: Handler) -> web.Stre
         request[CALLER] = Caller(None, address)
         return await handler(request)
     admin_only = state.config.admin_only_monitoring
-    if (request.method == "OPTIONS" or request.path in OPEN_PATHS
-            or (request.path in MONITORING_PATHS and not admin_only)):
+    if request.method == "OPTIONS" or not needs_key(request.path, admin_only):
         return await handler(request)
     try:
         presented = presented_key(request)

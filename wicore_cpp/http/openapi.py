@@ -20,17 +20,31 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from wicore_cpp import ENGINE_NAME, __version__
+from wicore_cpp.http.keys import MONITORING_PATHS, needs_key
 from wicore_cpp.http.protocol import json_response
 from wicore_cpp.http.responses import ErrorResponse, OpenAPIDocument
+from wicore_cpp.http.state import STATE
 
 OPENAPI_VERSION = "3.1.0"
 REF_TEMPLATE = "#/components/schemas/{model}"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# The two ways a client presents an API key (see keys.py); either one will do.
+SECURITY_SCHEMES = {
+    "bearerAuth": {"type": "http", "scheme": "bearer",
+                   "description": "`Authorization: Bearer <API key>` (what the openai clients "
+                                  "send)"},
+    "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "x-api-key",
+                     "description": "`x-api-key: <API key>`"},
+}
+EITHER_KEY = [{"bearerAuth": []}, {"apiKeyHeader": []}]
+
 ERROR_WHEN = {
     400: "a parameter is missing, of the wrong type or out of range (`param` names it), or "
          "the prompt does not fit the context (`context_length_exceeded`)",
+    401: "no API key, or an unknown one (`invalid_api_key`)",
+    403: "the API key is not an admin key (`permission_denied`)",
     404: "unknown model (`model_not_found`)",
     408: "the request's headers or body came too slowly",
     413: "the request body is too large",
@@ -91,8 +105,12 @@ def _routes(app: web.Application) -> list[tuple[str, str, web.AbstractRoute]]:
 
 
 def build_document(app: web.Application) -> dict:
-    """The OpenAPI document of `app`'s routes."""
+    """The OpenAPI document of `app`'s routes. With API keys on, each operation that needs a
+    key says so (`security`, and its 401/403); the key schemes are described either way."""
     routes = _routes(app)
+    state = app.get(STATE)
+    keys_on = state is not None and state.keys is not None
+    admin_only = state is not None and state.config.admin_only_monitoring
     ops = {(path, method): operation_of(route) for path, method, route in routes}
     models: set[tuple[type[BaseModel], str]] = {(ErrorResponse, "serialization")}
     for op in ops.values():
@@ -142,6 +160,8 @@ def build_document(app: web.Application) -> dict:
                     "description": ERROR_WHEN.get(status, HTTPStatus(status).phrase),
                     "content": error_content,
                 })
+        if keys_on:
+            _add_security(entry, path, admin_only, error_content)
         if params:
             entry["parameters"] = params
         paths.setdefault(path, {})[method] = entry
@@ -154,8 +174,19 @@ def build_document(app: web.Application) -> dict:
                            "is {\"error\": {\"message\", \"type\", \"param\", \"code\"}}.",
         },
         "paths": dict(sorted(paths.items())),
-        "components": {"schemas": top.get("$defs", {})},
+        "components": {"schemas": top.get("$defs", {}), "securitySchemes": SECURITY_SCHEMES},
     }
+
+
+def _add_security(entry: dict, path: str, admin_only: bool, error_content: dict) -> None:
+    if not needs_key(path, admin_only):
+        entry["security"] = []  # open: no key asked for
+        return
+    entry["security"] = EITHER_KEY
+    statuses = (401, 403) if path in MONITORING_PATHS else (401,)
+    for status in statuses:
+        entry["responses"].setdefault(str(status), {
+            "description": ERROR_WHEN[status], "content": error_content})
 
 
 def _path_params(path: str) -> list[str]:
