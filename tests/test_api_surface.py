@@ -163,9 +163,6 @@ async def test_completions_edges(api):
     status, body = await post(api, "/v1/completions", {"prompt": ["one prompt"],
                                                        "max_tokens": 2})
     assert status == 200 and body["object"] == "text_completion"
-    status, body = await post(api, "/v1/completions", {"prompt": "x", "echo": True,
-                                                       "logprobs": 1})
-    assert status == 400 and body["error"]["param"] == "echo"
     status, body = await post(api, "/v1/completions", {"prompt": [1, 10**8]})
     assert status == 400 and body["error"]["param"] == "prompt"
     status, body = await post(api, "/v1/completions", {"prompt": "x", "best_of": 3})
@@ -179,3 +176,54 @@ async def test_completions_count_against_the_same_limits(api):
     assert status == 200
     _, after = await api.get("/status")
     assert after["metrics"]["total_requests"] == before["metrics"]["total_requests"] + 1
+
+
+async def test_echo_with_logprobs_scores_the_prompt(api):
+    """The echoed prompt's tokens come with their log-probabilities (the first has none),
+    the same the model gives a token when it generates it; then the completion's own."""
+    ids = (await post(api, "/tokenize", {"content": "Once upon", "add_special": True}))[1][
+        "tokens"]
+    status, first = await post(api, "/v1/completions", {
+        "prompt": ids, "max_tokens": 2, "temperature": 0, "logprobs": 3,
+        "return_token_ids": True})
+    assert status == 200, first
+    nxt = first["choices"][0]["token_ids"][0]
+    generated_lp = first["choices"][0]["logprobs"]["token_logprobs"][0]
+    prompt = ids + [nxt]  # the generated token is now the prompt's last
+    for n in (1, 2):
+        status, body = await post(api, "/v1/completions", {
+            "prompt": prompt, "max_tokens": 3, "temperature": 0, "logprobs": 2, "echo": True,
+            "n": n})
+        assert status == 200, body
+        assert len(body["choices"]) == n
+        for choice in body["choices"]:
+            lp = choice["logprobs"]
+            k = len(prompt)
+            assert len(lp["tokens"]) == k + body["usage"]["completion_tokens"] // n
+            assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+            assert all(v <= 0 for v in lp["token_logprobs"][1:])
+            assert all(len(top) <= 2 for top in lp["top_logprobs"][1:])
+            assert abs(lp["token_logprobs"][k - 1] - generated_lp) < 1e-3
+            # The greedy token was the most likely there: first among the alternatives.
+            assert abs(max(lp["top_logprobs"][k - 1].values()) - generated_lp) < 1e-3
+            assert lp["text_offset"] == sorted(lp["text_offset"])
+            assert choice["text"].startswith("<bos>Once upon")  # the echo, then the rest
+    # A string prompt: the echoed text is the prompt, its tokens' texts add up to it.
+    status, body = await post(api, "/v1/completions", {
+        "prompt": "Once upon a time", "max_tokens": 0, "echo": True, "logprobs": 0})
+    assert status == 200, body
+    lp = body["choices"][0]["logprobs"]
+    assert body["choices"][0]["text"] == "Once upon a time"
+    assert "".join(lp["tokens"]) == "Once upon a time"
+    assert len(lp["tokens"]) == body["usage"]["prompt_tokens"]
+    # Streamed: the echo chunk carries the prompt's logprobs, the rest come after it.
+    async with api.session.post(api.url + "/v1/completions", json={
+            "prompt": prompt, "max_tokens": 3, "temperature": 0, "logprobs": 2, "echo": True,
+            "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in (await r.text()).splitlines()
+                  if line.startswith("data: {")]
+    tokens = [t for c in chunks for ch in c["choices"] if ch["logprobs"]
+              for t in ch["logprobs"]["token_logprobs"]]
+    assert chunks[0]["choices"][0]["logprobs"]["token_logprobs"][0] is None
+    assert len(chunks[0]["choices"][0]["logprobs"]["tokens"]) == len(prompt)
+    assert abs(tokens[len(prompt) - 1] - generated_lp) < 1e-3

@@ -280,17 +280,7 @@ class Sampler:
 
     def _logprob(self, logits: np.ndarray,
                  token: int) -> tuple[float, tuple[tuple[int, float], ...]]:
-        """The model's own log-probability of `token` and its `num_logprobs` most likely
-        tokens (log-softmax of the raw logits, before penalties, temperature or grammar)."""
-        top = logits.max()
-        lse = float(top) + float(np.log(np.exp(logits - top, dtype=np.float64).sum()))
-        k = self.num_logprobs or 0
-        alternatives: tuple[tuple[int, float], ...] = ()
-        if k:
-            best = np.argpartition(logits, -k)[-k:]
-            best = best[np.argsort(-logits[best], kind="stable")]
-            alternatives = tuple((int(t), float(logits[t]) - lse) for t in best)
-        return float(logits[token]) - lse, alternatives
+        return token_logprob(logits, token, self.num_logprobs or 0)
 
     def _sample_constrained(self, logits: np.ndarray) -> int:
         cands = self._cands
@@ -360,6 +350,26 @@ class Sampler:
             if ptr:
                 lc.llama_sampler_free(ptr)
                 setattr(self, name, None)
+
+
+def token_logprob(logits: np.ndarray, token: int,
+                  k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """The model's own log-probability of `token` and its `k` most likely tokens (log-softmax
+    of the raw logits, before penalties, temperature or grammar)."""
+    top = logits.max()
+    lse = float(top) + float(np.log(np.exp(logits - top, dtype=np.float64).sum()))
+    alternatives: tuple[tuple[int, float], ...] = ()
+    if k:
+        best = np.argpartition(logits, -k)[-k:]
+        best = best[np.argsort(-logits[best], kind="stable")]
+        alternatives = tuple((int(t), float(logits[t]) - lse) for t in best)
+    return float(logits[token]) - lse, alternatives
+
+
+def logits_at(ctx: BatchContext, batch_index: int, n_vocab: int) -> np.ndarray:
+    """The logits of batch position `batch_index` (a view, valid until the next decode)."""
+    ptr = lc.llama_get_logits_ith(ctx.ptr, batch_index)
+    return np.ctypeslib.as_array(ptr, shape=(n_vocab,))
 
 
 def _chain(stages: list):

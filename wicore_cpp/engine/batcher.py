@@ -15,7 +15,14 @@ import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-from wicore_cpp.engine.backend import BatchContext, GrammarError, Model, Sampler
+from wicore_cpp.engine.backend import (
+    BatchContext,
+    GrammarError,
+    Model,
+    Sampler,
+    logits_at,
+    token_logprob,
+)
 from wicore_cpp.engine.messages import (
     FINISH_CANCELLED,
     FINISH_ERROR,
@@ -26,6 +33,11 @@ from wicore_cpp.engine.messages import (
 )
 from wicore_cpp.engine.prompt_cache import PromptCache
 from wicore_cpp.engine.sequence import Sequence
+
+# Echo with logprobs computes logits at every prompt position: at most this many a step, so
+# llama.cpp's output buffer (a row of n_vocab floats per position: 1 MiB for Gemma 3) stays
+# small.
+PROMPT_LOGITS_PER_STEP = 64
 
 log = logging.getLogger("wicore.batcher")
 
@@ -151,6 +163,7 @@ class ContinuousBatcher:
         ctx.clear_batch()
         to_sample: list[tuple[Sequence, int]] = []
         progress: list[tuple[Sequence, int]] = []  # (seq, tokens added to the batch)
+        prompt_scores: list[tuple[Sequence, int, int]] = []  # (seq, prompt position, index)
         budget = ctx.n_batch
         running = [s for s in self._active.values() if s.finish_reason is None]
         if len(running) > self.max_batch_size:
@@ -170,9 +183,17 @@ class ContinuousBatcher:
             if seq.is_prefilling:
                 start = seq.n_cached
                 take = min(budget, len(seq.prompt) - start)
+                scored = seq.prompt_logprobs is not None
+                if scored:
+                    take = min(take, PROMPT_LOGITS_PER_STEP)
                 end = start + take
+                if scored and start == 0:
+                    prompt_scores.append((seq, 0, -1))  # nothing predicts the first token
                 for pos in range(start, end):
-                    idx = ctx.add(seq.prompt[pos], pos, seq.slot, pos == len(seq.prompt) - 1)
+                    idx = ctx.add(seq.prompt[pos], pos, seq.slot,
+                                  scored or pos == len(seq.prompt) - 1)
+                    if scored and pos + 1 < len(seq.prompt):
+                        prompt_scores.append((seq, pos + 1, idx))
                 if end == len(seq.prompt):
                     if seq.params.max_tokens == 0:
                         seq.finish(FINISH_LENGTH)  # a completion that only echoes its prompt
@@ -192,6 +213,7 @@ class ContinuousBatcher:
                 for seq, n in progress:
                     seq.n_cached += n
                 self.cache.after_step(progress)
+                self._score_prompts(prompt_scores)
                 to_sample += self._fan_out_choices(to_sample)
         model = self.model
         for (seq, _), token in zip(to_sample, self._sample(to_sample), strict=True):
@@ -225,6 +247,20 @@ class ContinuousBatcher:
                 self._active[(seq.request_id, i)] = choice
                 added.append((choice, idx))
         return added
+
+    def _score_prompts(self, scores: list[tuple[Sequence, int, int]]) -> None:
+        """The log-probabilities of prompt tokens (echo with logprobs), from this step's
+        logits of the positions before them."""
+        piece, n_vocab = self.model.piece, self.model.info.n_vocab
+        for seq, pos, idx in scores:
+            token = seq.prompt[pos]
+            if idx < 0:
+                seq.prompt_logprobs.append((piece(token), None, ()))
+                continue
+            logprob, top = token_logprob(logits_at(self.ctx, idx, n_vocab), token,
+                                         seq.params.logprobs or 0)
+            seq.prompt_logprobs.append(
+                (piece(token), logprob, tuple((piece(t), lp) for t, lp in top)))
 
     def _logprob_of(self, seq: Sequence, token: int) -> TokenLogprob | None:
         found = seq.sampler.last_logprob

@@ -47,6 +47,11 @@ class SamplingParams:
     # Not sampling, but per sequence all the same: False (llama-server's `cache_prompt`) neither
     # reuses cached KV for this prompt nor keeps this sequence's KV for later requests.
     cache_prompt: bool = True
+    # `/v1/completions` with echo and logprobs: the first update of choice 0 carries, before
+    # its own, one entry per prompt token (the first one's logprob is None: nothing predicts
+    # it), each with `logprobs` alternatives. Needs cache_prompt False (no cached positions,
+    # whose logits were never computed).
+    prompt_logprobs: bool = False
 
 
 @dataclass(slots=True)
@@ -93,7 +98,8 @@ class WorkerFailed:
 
 # One generated token's log-probability and the most likely tokens at its position, as
 # (token bytes, logprob, ((bytes, logprob), ...)); only for sequences that asked for them.
-TokenLogprob = tuple[bytes, float, tuple[tuple[bytes, float], ...]]
+# (A prompt's first token has None: see SamplingParams.prompt_logprobs.)
+TokenLogprob = tuple[bytes, float | None, tuple[tuple[bytes, float], ...]]
 
 # (request_id, choice index, text delta, new token ids, finish reason or None,
 #  error message or None, logprobs of the new tokens or None). Each choice of a request ends

@@ -57,6 +57,12 @@ class Sequence:
         self.generated: list[int] = []  # every accepted token, in order (see kv_tokens)
 
     @property
+    def prompt_logprobs(self) -> list[TokenLogprob] | None:
+        """Where the prompt tokens' log-probabilities go as the prefill computes them (before
+        the first generated token's), when the request asked for them."""
+        return self._out_logprobs if self.params.prompt_logprobs else None
+
+    @property
     def is_prefilling(self) -> bool:
         return self.n_cached < len(self.prompt)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pydantic import Field, field_validator
 
 from wicore_cpp.engine.client import SamplingParams
@@ -45,17 +47,22 @@ class CompletionRequest(SamplingFields):
                                  f"(max_concurrent_requests)", param="prompt")
         if self.best_of is not None and self.best_of != self.n:
             raise UnsupportedParameter("best_of other than n is not supported", param="best_of")
-        if self.echo and self.logprobs is not None:
-            raise UnsupportedParameter("log-probabilities of the echoed prompt are not "
-                                       "available: send echo or logprobs, not both",
-                                       param="echo")
         if self.max_tokens == 0 and not self.echo:
             raise UnsupportedParameter("max_tokens 0 is only meaningful with echo",
                                        param="max_tokens")
 
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Echo with logprobs: the echoed prompt's tokens come with theirs too."""
+        return self.echo and self.logprobs is not None
+
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         max_tokens = default_max_tokens if self.max_tokens is None else self.max_tokens
-        return self.sampling_params(max_tokens, self.logprobs)
+        params = self.sampling_params(max_tokens, self.logprobs)
+        if self.wants_prompt_logprobs:
+            # Every prompt position is computed: none may come from the prompt cache.
+            params = dataclasses.replace(params, prompt_logprobs=True, cache_prompt=False)
+        return params
 
 
 def parse_completion_request(body: bytes, max_prompts: int) -> CompletionRequest:

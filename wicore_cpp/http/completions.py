@@ -73,6 +73,33 @@ def _choice(index: int, text: str, finish_reason: str | None,
     return choice
 
 
+def _split_prompt_logprobs(gen: Generation, logprobs: list[TokenLogprob]
+                           ) -> tuple[list[TokenLogprob], list[TokenLogprob]]:
+    """(the prompt's, the generated tokens') from the first delta of a prompt's choice 0
+    (the worker sends one entry per prompt token first; see SamplingParams.prompt_logprobs)."""
+    k = gen.num_prompt_tokens
+    return logprobs[:k], logprobs[k:]
+
+
+def _with_prompt(prompt: list[TokenLogprob], generated: dict) -> dict:
+    """A choice's `logprobs`: the echoed prompt's tokens (offsets from 0), then its own."""
+    if not prompt:
+        return generated
+    head = completion_logprobs(prompt, 0)
+    return {key: head[key] + generated[key] for key in head}
+
+
+async def _write_echoes(response: web.StreamResponse, enc: ChunkEncoder, echoes: list[str],
+                        n: int, prompts, prompt_lps: list[TokenLogprob]) -> None:
+    """The echo chunk of each choice of these prompts (with the prompt's logprobs, if any)."""
+    for p in prompts:
+        if not echoes[p]:
+            continue
+        lp = completion_logprobs(prompt_lps, 0) if prompt_lps else None
+        for c in range(p * n, (p + 1) * n):
+            await response.write(enc.event([_choice(c, echoes[p], None, lp, None)]))
+
+
 def _usage_counts(gens: list[Generation]) -> tuple[int, int]:
     """(prompt tokens, cached prompt tokens) of all the prompts together."""
     return (sum(g.num_prompt_tokens for g in gens), sum(g.num_cached_tokens for g in gens))
@@ -86,13 +113,17 @@ async def _complete(req: CompletionRequest, gens: list[Generation],
     ids: list[list[int]] = [[] for _ in range(total)]
     logprobs: list[list[TokenLogprob]] = [[] for _ in range(total)]
     finish: list[str | None] = [None] * total
+    prompt_lps: list[list[TokenLogprob]] = [[] for _ in gens]
     events = merged_events(gens)
     async for p, event in events:
         if isinstance(event, TokenDelta):
             c = p * n + event.index
             texts[c].append(event.text)
             ids[c].extend(event.token_ids)
-            logprobs[c].extend(event.logprobs or ())
+            lps = event.logprobs or []
+            if req.wants_prompt_logprobs and event.index == 0 and not prompt_lps[p]:
+                prompt_lps[p], lps = _split_prompt_logprobs(gens[p], lps)
+            logprobs[c].extend(lps)
             finish[c] = event.finish_reason or finish[c]
             continue
         if event.error is not None:
@@ -101,7 +132,7 @@ async def _complete(req: CompletionRequest, gens: list[Generation],
             finish[c] = finish[c] or event.finish_reason
     choices = [_choice(
         c, "".join(texts[c]), finish[c],
-        completion_logprobs(logprobs[c], len(echoes[c // n]))
+        _with_prompt(prompt_lps[c // n], completion_logprobs(logprobs[c], len(echoes[c // n])))
         if req.logprobs is not None else None,
         ids[c] if req.return_token_ids else None) for c in range(total)]
     prompt_tokens, cached = _usage_counts(gens)
@@ -125,17 +156,25 @@ async def _stream(request: web.Request, req: CompletionRequest, gens: list[Gener
     response = event_stream(first)
     try:
         await response.prepare(request)
-        for c in range(total):
-            if echoes[c // n]:
-                await response.write(enc.event([_choice(c, echoes[c // n], None, None, None)]))
+        # The echo goes first; with logprobs, once the prompt's log-probabilities have come
+        # (with the first delta of the prompt's choice 0).
+        # (Choice 0's first update of a step comes before the other choices'.)
+        echo_due = [req.wants_prompt_logprobs] * len(gens)
+        if not req.wants_prompt_logprobs:
+            await _write_echoes(response, enc, echoes, n, range(len(gens)), [])
         events = merged_events(gens)
         async for p, event in events:
             if isinstance(event, TokenDelta):
                 c = p * n + event.index
                 num_tokens += len(event.token_ids)
+                lps = event.logprobs
+                if echo_due[p] and event.index == 0:
+                    prompt_lps, lps = _split_prompt_logprobs(gens[p], lps or [])
+                    await _write_echoes(response, enc, echoes, n, [p], prompt_lps)
+                    echo_due[p] = False
                 lp = None
-                if req.logprobs is not None and event.logprobs:
-                    lp = completion_logprobs(event.logprobs, offsets[c])
+                if req.logprobs is not None and lps:
+                    lp = completion_logprobs(lps, offsets[c])
                 offsets[c] += len(event.text)
                 if event.text or lp or req.return_token_ids:
                     await response.write(enc.event([_choice(

@@ -240,7 +240,8 @@ def completion_logprobs(items: list[TokenLogprob], text_offset: int) -> dict:
     return {
         "tokens": tokens,
         "token_logprobs": [lp for _, lp, _ in items],
-        "top_logprobs": [{_token_text(p): lp for p, lp in top} for _, _, top in items],
+        "top_logprobs": [None if lp is None else {_token_text(p): lp for p, lp in top}
+                         for _, lp, top in items],
         "text_offset": offsets,
     }
 
