@@ -296,6 +296,17 @@ def test_completions_json_and_stream(client):
     assert "".join(lp.tokens) == text or len(lp.tokens) == with_lp.usage.completion_tokens
     assert all(v <= 0 for v in lp.token_logprobs)
     assert all(len(top) <= 2 for top in lp.top_logprobs)
+    # echo with logprobs: the prompt's tokens first (the first one null), then the text's.
+    scored = client.completions.create(**kwargs, echo=True, logprobs=1)
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text == "Once upon a time" + text
+    assert len(lp.tokens) == scored.usage.prompt_tokens + scored.usage.completion_tokens
+    assert "".join(lp.tokens[:scored.usage.prompt_tokens]) == "Once upon a time"
+    assert lp.token_logprobs[0] is None and all(v <= 0 for v in lp.token_logprobs[1:])
+    own = lp.token_logprobs[scored.usage.prompt_tokens:]
+    assert len(own) == len(with_lp.choices[0].logprobs.token_logprobs)
+    for a, b in zip(own, with_lp.choices[0].logprobs.token_logprobs, strict=True):
+        assert abs(a - b) < 1e-2  # the same tokens, scored the same with or without echo
     cut = text[3:5]
     if cut.strip():
         stopped = client.completions.create(**kwargs, stop=[cut])

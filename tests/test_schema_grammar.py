@@ -306,3 +306,24 @@ def test_a_property_named_like_a_format_rule_does_not_break_it(vocab_model):
     grammar = schema_to_grammar(schema)
     assert _accepts(vocab_model, grammar, '{"date": "2024-02-29", "char": "xx", "time": 3}')
     assert not _accepts(vocab_model, grammar, '{"date": "2023-02-29", "char": "xx", "time": 3}')
+
+
+@pytest.mark.parametrize("pattern, text, expected", [
+    ("^(a|a)*b$", "a" * 40 + "b", True),  # ambiguous alternation: llama.cpp merges the stacks
+    ("^(a?){30}a{30}$", "a" * 45, True),  # the classic exponential backtracking case
+    ("^(x+x+)+y$", "x" * 40 + "y", True),
+    ("^(x+x+)+y$", "x" * 40, False),
+])
+def test_patterns_built_to_hurt_stay_cheap(vocab_model, pattern, text, expected):
+    """Backtracking regex engines blow up on these; the grammar keeps one stack per distinct
+    state, so they run in a blink (a hang here would hang the test)."""
+    grammar = schema_to_grammar({"type": "string", "pattern": pattern})
+    assert _accepts(vocab_model, grammar, f'"{text}"') == expected
+
+
+def test_nested_stars_neither_loop_nor_fail(vocab_model):
+    """`(a*)*` can match the empty string in infinitely many ways: llama.cpp's stack
+    expansion keeps a seen-set, so it compiles, matches, and ends."""
+    grammar = schema_to_grammar({"type": "string", "pattern": "^(a*)*$"})
+    assert _accepts(vocab_model, grammar, '"aaa"') and _accepts(vocab_model, grammar, '""')
+    assert not _accepts(vocab_model, grammar, '"ab"')
