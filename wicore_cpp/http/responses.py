@@ -23,8 +23,10 @@ class ErrorDetail(_Response):
     type: str = Field(description="invalid_request_error, rate_limit_exceeded, server_error "
                       "or timeout_error")
     param: str | None = Field(description="the request parameter at fault, if one is")
-    code: str | None = Field(description="a specific code (model_not_found, "
-                             "context_length_exceeded, timeout) or the HTTP status")
+    code: str | None = Field(description="a specific code (context_length_exceeded, "
+                             "unsupported_parameter, unsupported_value, invalid_api_key, "
+                             "permission_denied, model_not_found, insufficient_quota, "
+                             "timeout) or the HTTP status")
 
 
 class ErrorResponse(_Response):
