@@ -30,6 +30,20 @@ REF_TEMPLATE = "#/components/schemas/{model}"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# One server-sent event (OpenAPI 3.1 has a `text/event-stream` schema describe each event).
+SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "data": {"type": "string",
+                 "description": "a chunk object as JSON, an error in the error shape, or "
+                                "`[DONE]` at the end"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+    "required": ["data"],
+}
+
 # The two ways a client presents an API key (see keys.py); either one will do.
 SECURITY_SCHEMES = {
     "bearerAuth": {"type": "http", "scheme": "bearer",
@@ -145,7 +159,7 @@ def build_document(app: web.Application) -> dict:
             for status, model in op.responses.items():
                 content = {"application/json": {"schema": ref(model, "serialization")}}
                 if status == 200 and op.event_stream:
-                    content["text/event-stream"] = {"schema": {"type": "string"}}
+                    content["text/event-stream"] = {"schema": SSE_EVENT}
                 response: dict[str, Any] = {"description": HTTPStatus(status).phrase,
                                             "content": content}
                 if op.response_headers:
