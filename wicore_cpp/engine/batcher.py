@@ -225,9 +225,10 @@ class ContinuousBatcher:
 
     def _unpaused(self, running: list[Sequence]) -> list[Sequence]:
         """The `max_batch_size` sequences this step decodes, highest priority first, then in
-        admission order; the others wait with their KV cells kept. Paused first: the lowest priority (urgent ones run),
-        then, within it, the key with the most sequences of that level running (a key that
-        started in a fair slot runs beside a flood), then the newest."""
+        admission order; the others wait with their KV cells kept. Paused first: the lowest
+        priority (urgent ones run), then, within it, the key with the most sequences of that
+        level running (a key that started in a fair slot runs beside a flood), then the
+        newest."""
         order = {id(s): i for i, s in enumerate(running)}
         held = Counter((s.priority, s.tenant) for s in running)
         left = list(running)
