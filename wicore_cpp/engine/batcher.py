@@ -7,6 +7,12 @@ New requests join between steps; finished ones leave, and their KV cells either 
 pool at once or stay in the prompt cache (prompt_cache.py), which also decides where a new
 sequence starts. A request with `n` choices prefills once and then runs as `n` sequences
 (`_fan_out_choices`).
+
+Images. A prompt's image positions are prefilled from embeddings, not tokens, and llama.cpp
+takes a batch of either, not both; Gemma 3's image positions also attend to each other, which
+the causal mask of a token batch would forbid. So each step first encodes at most one image
+(vision.py) and decodes its embeddings in a batch of their own, then builds the token batch as
+above: the streams already running lose one image's encode and decode per step, never more.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from wicore_cpp.engine.backend import BatchContext, GrammarError, Model, Sampler
 from wicore_cpp.engine.messages import (
@@ -27,6 +34,9 @@ from wicore_cpp.engine.messages import (
 from wicore_cpp.engine.prompt_cache import PromptCache
 from wicore_cpp.engine.sequence import Sequence
 
+if TYPE_CHECKING:
+    from wicore_cpp.engine.vision import VisionEncoder
+
 log = logging.getLogger("wicore.batcher")
 
 
@@ -34,12 +44,14 @@ class ContinuousBatcher:
     def __init__(self, model: Model, ctx: BatchContext, max_batch_size: int | None = None,
                  sample_threads: int = 1, grammar_budget_s: float = 0.5, *,
                  max_running: int | None = None, cache_cells: int = 0,
-                 cache_host_bytes: int = 0):
+                 cache_host_bytes: int = 0, vision: VisionEncoder | None = None):
         """`max_running`: sequences at once (default: every seq id of the context; seq ids
         beyond it are for cached prefixes); `cache_cells`: most KV cells the prompt cache may
-        hold (0: no cache); `cache_host_bytes`: its host-memory tier (0: none)."""
+        hold (0: no cache); `cache_host_bytes`: its host-memory tier (0: none); `vision`: the
+        model's projector, for prompts with images."""
         self.model = model
         self.ctx = ctx
+        self.vision = vision
         # Slots beyond max_batch_size are for urgent requests; a step still decodes at most
         # max_batch_size sequences, pausing the lowest-priority ones.
         self.max_batch_size = max_batch_size or ctx.n_seq_max
@@ -114,6 +126,10 @@ class ContinuousBatcher:
                                     f"prompt + max_tokens ({need}) exceeds the KV cache "
                                     f"({self.ctx.n_ctx} tokens)")
                 continue
+            if req.images and self.vision is None:
+                self._pending.popleft()
+                self._end_unstarted(req, FINISH_ERROR, "this worker has no vision projector")
+                continue
             if can_wait and self.cache.wait_for(req.prompt_tokens, req.params.cache_prompt):
                 waiting.append(self._pending.popleft())
                 continue
@@ -123,9 +139,11 @@ class ContinuousBatcher:
             self._pending.popleft()
             samplers: list[Sampler] = []
             try:
+                # Image positions are not vocabulary tokens: the repetition penalty skips them.
+                text = ([t for t in req.prompt_tokens if t >= 0] if req.images
+                        else req.prompt_tokens)
                 for i in range(n):
-                    samplers.append(Sampler(req.params, self.model, choice=i,
-                                            prompt=req.prompt_tokens,
+                    samplers.append(Sampler(req.params, self.model, choice=i, prompt=text,
                                             grammar_budget_s=self.grammar_budget_s))
             except GrammarError as exc:
                 log.warning("request %s: %s", req.request_id, exc)
@@ -159,6 +177,8 @@ class ContinuousBatcher:
             order = {id(s): i for i, s in enumerate(running)}
             running.sort(key=lambda s: (-s.priority, order[id(s)]))
             running = running[: self.max_batch_size]
+        if self.vision is not None:
+            self._prefill_one_image(running)
         for seq in running:
             if not seq.is_prefilling and budget > 0:
                 to_sample.append((seq, ctx.add(seq.last_token, seq.n_cached, seq.slot, True)))
@@ -167,9 +187,11 @@ class ContinuousBatcher:
         for seq in running:
             if budget <= 0:
                 break
-            if seq.is_prefilling:
+            if seq.is_prefilling and seq.finish_reason is None:
                 start = seq.n_cached
-                take = min(budget, len(seq.prompt) - start)
+                take = min(budget, seq.text_end(start) - start)
+                if take <= 0:
+                    continue  # its next image waits for a step of its own
                 end = start + take
                 for pos in range(start, end):
                     idx = ctx.add(seq.prompt[pos], pos, seq.slot, pos == len(seq.prompt) - 1)
@@ -200,6 +222,37 @@ class ContinuousBatcher:
             seq.accept(token, model.piece(token), model.is_eog(token),
                        self._logprob_of(seq, token))
         return self._collect()
+
+    def _prefill_one_image(self, running: list[Sequence]) -> None:
+        """Encode the next image of the first sequence whose prefill has reached one, and
+        decode its embeddings into that sequence's KV cells (from where its cached cells end,
+        when the prompt cache gave it part of that image already). A bad image fails its own
+        request; the step goes on for everyone else."""
+        from wicore_cpp.engine.vision import ImageError
+
+        for seq in running:
+            if not seq.is_prefilling:
+                continue
+            image = seq.image_at(seq.n_cached)
+            if image is None:
+                continue
+            try:
+                embd = self.vision.encode(image.data, image.n_tokens)
+            except ImageError as exc:
+                log.warning("request %s: image at position %d: %s", seq.request_id, image.pos,
+                            exc)
+                seq.finish(FINISH_ERROR, f"the image could not be encoded: {exc}")
+                return
+            rows = embd[seq.n_cached - image.pos:]
+            rc = self.vision.decode(self.ctx, rows, seq.n_cached, seq.slot)
+            while rc == 1 and self.cache.evict_one():
+                rc = self.vision.decode(self.ctx, rows, seq.n_cached, seq.slot)
+            if rc != 0:
+                self._on_decode_failure(rc, [(seq, len(rows))])
+                return
+            seq.n_cached += len(rows)
+            self.cache.after_step([(seq, len(rows))])
+            return
 
     def _fan_out_choices(self, to_sample: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
         """The other choices of requests whose prompt was just prefilled, ready to sample.

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import astuple, dataclass, field
 
+from wicore_cpp.engine.images import PromptImage
+
 # Finish reasons a worker reports. "stop" and "length" are OpenAI's; the others end a
 # sequence early and are mapped by the scheduler.
 FINISH_STOP = "stop"
@@ -51,12 +53,16 @@ class SamplingParams:
 
 @dataclass(slots=True)
 class GenerateRequest:
-    """Front end -> worker: start decoding this prompt."""
+    """Front end -> worker: start decoding this prompt.
+
+    Where the prompt holds images, their positions hold image tokens (negative ids, see
+    engine/images.py) and `images` carries each one's span and file, in prompt order."""
 
     request_id: str
     prompt_tokens: list[int]
     params: SamplingParams
     priority: int = 1  # Priority level; decides which sequence pauses for an urgent one
+    images: tuple[PromptImage, ...] = ()
 
 
 @dataclass(slots=True)
@@ -81,6 +87,7 @@ class WorkerReady:
     n_gpu_layers: int
     load_seconds: float
     visible_devices: str | None  # CUDA_VISIBLE_DEVICES as the worker sees it
+    vision: str | None = None  # the projector it loaded and where ("CPU", "GPU"), if any
 
 
 @dataclass(slots=True)
