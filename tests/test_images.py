@@ -541,3 +541,37 @@ def test_image_inputs_cross_the_process_boundary():
 
     image = ImageInput("messages[0].content[1].image_url", b"\x89PNG")
     assert pickle.loads(pickle.dumps(image)) == image
+
+
+def test_memory_plan_counts_the_projector_per_worker_where_it_runs(demo_model_path,
+                                                                   projector_path):
+    from wicore_cpp.engine.memory_plan import (
+        HOST,
+        CpuFeatures,
+        ModelLoad,
+        ModelShape,
+        Pool,
+        Settings,
+        make_plan,
+    )
+    from wicore_cpp.gguf_file import read_gguf
+
+    shape = ModelShape.from_gguf(read_gguf(demo_model_path))
+    size = read_projector(projector_path).size_bytes
+    assert size > 400_000
+    s = Settings(ctx_size=4096, max_batch_size=4, urgent_slots=0, n_gpu_layers=-1,
+                 kv_cache_type="f16", prefill_chunk=512, flash_attn="off")
+    gib = 1 << 30
+    pools = (Pool(HOST, "", gib, gib, ""), Pool("CUDA0", "", gib, gib, ""))
+
+    def weights(workers, projector_bytes):
+        plan = make_plan((ModelLoad("m", shape, workers, projector_bytes),), s, pools, 0,
+                         CpuFeatures(), None)
+        return {name: u.weights for name, u in plan.usage.items()}
+
+    host_only = weights(((), ()), 0)
+    assert weights(((), ()), size)[HOST] == host_only[HOST] + 2 * size  # one copy per worker
+    on_gpu = weights((("CUDA0",),), 0)
+    with_projector = weights((("CUDA0",),), size)
+    assert with_projector["CUDA0"] == on_gpu["CUDA0"] + size
+    assert with_projector[HOST] == on_gpu[HOST]
