@@ -10,19 +10,22 @@ sequence starts. A request with `n` choices prefills once and then runs as `n` s
 
 Images. A prompt's image positions are prefilled from embeddings, not tokens, and llama.cpp
 takes a batch of either, not both; Gemma 3's image positions also attend to each other, which
-the causal mask of a token batch would forbid. So each step first encodes at most one image
-(vision.py) and decodes its embeddings in a batch of their own, then builds the token batch as
-above: the streams already running lose one image's encode and decode per step, never more.
+the causal mask of a token batch would forbid. So one image at a time is encoded on the vision
+encoder's own thread (vision.py) while steps go on; the step after its encode is done first
+decodes its embeddings in a batch of their own, then builds the token batch as above. Running
+streams lose at most one image's embedding decode per step, never an encode.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from typing import TYPE_CHECKING
 
 from wicore_cpp.engine.backend import BatchContext, GrammarError, Model, Sampler
+from wicore_cpp.engine.images import PromptImage
 from wicore_cpp.engine.messages import (
     FINISH_CANCELLED,
     FINISH_ERROR,
@@ -52,6 +55,8 @@ class ContinuousBatcher:
         self.model = model
         self.ctx = ctx
         self.vision = vision
+        # The image being encoded: (its sequence, the image, the encoder's future).
+        self._encoding: tuple[Sequence, PromptImage, Future] | None = None
         # Slots beyond max_batch_size are for urgent requests; a step still decodes at most
         # max_batch_size sequences, pausing the lowest-priority ones.
         self.max_batch_size = max_batch_size or ctx.n_seq_max
@@ -203,6 +208,10 @@ class ContinuousBatcher:
                 progress.append((seq, take))
                 budget -= take
 
+        if not ctx.batch_size and self._encoding is not None:
+            # Nothing to decode until the image is encoded: wait for it (briefly, so that new
+            # requests and cancellations are still read) rather than spin.
+            wait_for_futures([self._encoding[2]], timeout=0.05)
         if ctx.batch_size:
             rc = ctx.decode()
             while rc == 1 and self.cache.evict_one():
@@ -224,35 +233,44 @@ class ContinuousBatcher:
         return self._collect()
 
     def _prefill_one_image(self, running: list[Sequence]) -> None:
-        """Encode the next image of the first sequence whose prefill has reached one, and
-        decode its embeddings into that sequence's KV cells (from where its cached cells end,
-        when the prompt cache gave it part of that image already). A bad image fails its own
-        request; the step goes on for everyone else."""
+        """Decode the image whose encode has finished into its sequence's KV cells (from where
+        its cached cells end, when the prompt cache gave it part of that image already); then
+        start encoding the next image a running sequence's prefill has reached. A bad image
+        fails its own request; the step goes on for everyone else."""
         from wicore_cpp.engine.vision import ImageError
 
-        for seq in running:
-            if not seq.is_prefilling:
-                continue
-            image = seq.image_at(seq.n_cached)
-            if image is None:
-                continue
-            try:
-                embd = self.vision.encode(image.data, image.n_tokens)
-            except ImageError as exc:
-                log.warning("request %s: image at position %d: %s", seq.request_id, image.pos,
-                            exc)
-                seq.finish(FINISH_ERROR, f"the image could not be encoded: {exc}")
-                return
-            rows = embd[seq.n_cached - image.pos:]
-            rc = self.vision.decode(self.ctx, rows, seq.n_cached, seq.slot)
-            while rc == 1 and self.cache.evict_one():
-                rc = self.vision.decode(self.ctx, rows, seq.n_cached, seq.slot)
-            if rc != 0:
-                self._on_decode_failure(rc, [(seq, len(rows))])
-                return
-            seq.n_cached += len(rows)
-            self.cache.after_step([(seq, len(rows))])
+        if self._encoding is not None and self._encoding[2].done():
+            seq, image, future = self._encoding
+            self._encoding = None
+            if seq.finish_reason is None and seq.image_at(seq.n_cached) is image:
+                try:
+                    embd = future.result()
+                except ImageError as exc:
+                    log.warning("request %s: image at position %d: %s", seq.request_id,
+                                image.pos, exc)
+                    seq.finish(FINISH_ERROR, f"the image could not be encoded: {exc}")
+                else:
+                    self._decode_image(seq, image, embd)
+        if self._encoding is not None:
             return
+        for seq in running:
+            if seq.is_prefilling and seq.finish_reason is None:
+                image = seq.image_at(seq.n_cached)
+                if image is not None:
+                    self._encoding = (seq, image,
+                                      self.vision.encode_async(image.data, image.n_tokens))
+                    return
+
+    def _decode_image(self, seq: Sequence, image: PromptImage, embd) -> None:
+        rows = embd[seq.n_cached - image.pos:]
+        rc = self.vision.decode(self.ctx, rows, seq.n_cached, seq.slot)
+        while rc == 1 and self.cache.evict_one():
+            rc = self.vision.decode(self.ctx, rows, seq.n_cached, seq.slot)
+        if rc != 0:
+            self._on_decode_failure(rc, [(seq, len(rows))])
+            return
+        seq.n_cached += len(rows)
+        self.cache.after_step([(seq, len(rows))])
 
     def _fan_out_choices(self, to_sample: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
         """The other choices of requests whose prompt was just prefilled, ready to sample.

@@ -5,15 +5,17 @@ backend.py, the only module that touches ctypes.
 The calls are those of libmtmd's own `mtmd_helper_eval_chunks` (tools/mtmd/mtmd-helper.cpp in
 the pinned llama.cpp), split so that the batcher can interleave them with everyone else's
 decode steps: `mtmd_tokenize_from_parts` preprocesses the image (resize, normalise) into an
-image chunk, `mtmd_encode_chunk` runs the vision tower and projector, and the embeddings are
-decoded into the sequence's KV cells as a batch of `embd` rows, with the causal mask off when
-`mtmd_decode_use_non_causal` says so (Gemma 3: an image's positions attend to each other).
+image chunk, `mtmd_encode_chunk` runs the vision tower and projector (on a thread of its own,
+while the batcher goes on decoding), and the embeddings are decoded into the sequence's KV
+cells as a batch of `embd` rows, with the causal mask off when `mtmd_decode_use_non_causal`
+says so (Gemma 3: an image's positions attend to each other).
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import llama_cpp as lc
@@ -65,6 +67,13 @@ class VisionEncoder:
         self.is_non_causal = bool(mt.mtmd_decode_use_non_causal(self.ptr, None))
         self._batch = None
         self._batch_rows = 0
+        # One encode at a time, beside the batcher's decode steps (libmtmd has its own ggml
+        # context and buffers; ctypes releases the GIL for the call).
+        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="vision")
+
+    def encode_async(self, data: bytes, expected_tokens: int) -> Future[np.ndarray]:
+        """`encode` on the encoder thread; the future raises what `encode` raises."""
+        return self._encoder.submit(self.encode, data, expected_tokens)
 
     def encode(self, data: bytes, expected_tokens: int) -> np.ndarray:
         """The image file's embeddings, one row per prompt position (float32, shape
@@ -139,6 +148,7 @@ class VisionEncoder:
                 lc.llama_set_causal_attn(ctx.ptr, True)
 
     def close(self) -> None:
+        self._encoder.shutdown(wait=True, cancel_futures=True)
         if self._batch is not None:
             lc.llama_batch_free(self._batch)
             self._batch = None
