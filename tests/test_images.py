@@ -575,3 +575,16 @@ def test_memory_plan_counts_the_projector_per_worker_where_it_runs(demo_model_pa
     with_projector = weights((("CUDA0",),), size)
     assert with_projector["CUDA0"] == on_gpu["CUDA0"] + size
     assert with_projector[HOST] == on_gpu[HOST]
+
+
+def test_bench_images_makes_distinct_valid_pictures_and_times_tokens():
+    from tests.conftest import load_tool
+
+    bench = load_tool("bench")
+    a, b = bench._noise_png(1, (32, 24)), bench._noise_png(2, (32, 24))
+    assert decode_image(a, "p", 10**6).width == 32
+    assert decode_image(a, "p", 10**6).digest != decode_image(b, "p", 10**6).digest
+    res = bench.RequestResult(index=0, start=1.0, ttft=0.5, gaps=[0.1, 0.2])
+    assert bench._token_times(res) == pytest.approx([1.5, 1.6, 1.8])
+    args = bench.build_parser().parse_args(["images", "--model", "m.gguf", "--images", "2"])
+    assert (args.command, args.images, args.streams) == ("images", 2, 8)
