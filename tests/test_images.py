@@ -578,9 +578,7 @@ def test_memory_plan_counts_the_projector_per_worker_where_it_runs(demo_model_pa
 
 
 def test_bench_images_makes_distinct_valid_pictures_and_times_tokens():
-    from tests.conftest import load_tool
-
-    bench = load_tool("bench")
+    from tests.test_bench import bench
     a, b = bench._noise_png(1, (32, 24)), bench._noise_png(2, (32, 24))
     assert decode_image(a, "p", 10**6).width == 32
     assert decode_image(a, "p", 10**6).digest != decode_image(b, "p", 10**6).digest
