@@ -89,7 +89,7 @@ PAD, EOS, BOS, UNK, START_OF_TURN, END_OF_TURN = range(6)
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 # The image delimiters Gemma 3's template and llama.cpp's libmtmd write around an image. They are
 # the last two ids of the vocabulary (in Gemma 3 they sit near its end too), so adding them moved
-# no other token.
+# no other token; their embedding rows are the ones the pieces they replaced had.
 IMAGE_TOKENS = ["<start_of_image>", "<end_of_image>"]
 BYTE_TOKEN_BASE = len(SPECIAL_TOKENS)  # <0x00> .. <0xFF> follow the special tokens
 FIRST_NORMAL_TOKEN = BYTE_TOKEN_BASE + 256
@@ -279,7 +279,6 @@ def _make_weights(p: Preset, rng: np.random.Generator):
     # rarely the greedy pick (no early end of turn, no stray invalid UTF-8 bytes).
     embd[:BYTE_TOKEN_BASE] *= DAMPED_ROW_SCALE["special"]
     embd[BYTE_TOKEN_BASE:FIRST_NORMAL_TOKEN] *= DAMPED_ROW_SCALE["byte"]
-    embd[p.n_vocab - len(IMAGE_TOKENS):] *= DAMPED_ROW_SCALE["special"]
     yield "token_embd.weight", embd
 
     ones = np.ones(d, dtype=np.float32)
