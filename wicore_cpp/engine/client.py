@@ -396,7 +396,7 @@ class EngineClient:
         request_id = new_request_id()
         images = tuple(PromptImage(pos, n_tokens, digest, image.data) for (pos, n_tokens, digest),
                        image in zip(prepared.images, job.images, strict=True))
-        generate = GenerateRequest(request_id, prompt, params, int(priority), images)
+        generate = GenerateRequest(request_id, prompt, params, int(priority), tenant, images)
         tracked = self._scheduler.submit(model.model_id, generate, priority, tenant,
                                          received)
         log.debug("request %s: %d prompt tokens (%d images), max_tokens %d, n %d, priority %s%s",
