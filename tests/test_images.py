@@ -212,8 +212,10 @@ def test_prompt_layout_equals_libmtmds_own(demo_model_path, projector_path):
 # -- the worker's batch ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["cpu-between-steps",
+                                                             "encoder-thread"])
 def test_batcher_encodes_one_image_a_step_and_a_bad_one_fails_alone(demo_model_path,
-                                                                    projector_path):
+                                                                    projector_path, background):
     from wicore_cpp.engine.backend import BatchContext, Model
     from wicore_cpp.engine.batcher import ContinuousBatcher
     from wicore_cpp.engine.images import PromptImage
@@ -223,7 +225,8 @@ def test_batcher_encodes_one_image_a_step_and_a_bad_one_fails_alone(demo_model_p
     model = Model(demo_model_path)
     ctx = BatchContext(model, n_ctx=4096, n_batch=512, n_seq_max=4, threads=2,
                        flash_attn="off")
-    vision = VisionEncoder(projector_path, model, use_gpu=False, threads=2, flash_attn="off")
+    vision = VisionEncoder(projector_path, model, use_gpu=False, threads=2, flash_attn="off",
+                           background=background)
     try:
         b = ContinuousBatcher(model, ctx, vision=vision)
         head = model.tokenize("<start_of_turn>user\nLook<start_of_image>", add_special=True)

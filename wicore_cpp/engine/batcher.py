@@ -10,10 +10,10 @@ sequence starts. A request with `n` choices prefills once and then runs as `n` s
 
 Images. A prompt's image positions are prefilled from embeddings, not tokens, and llama.cpp
 takes a batch of either, not both; Gemma 3's image positions also attend to each other, which
-the causal mask of a token batch would forbid. So one image at a time is encoded on the vision
-encoder's own thread (vision.py) while steps go on; the step after its encode is done first
-decodes its embeddings in a batch of their own, then builds the token batch as above. Running
-streams lose at most one image's embedding decode per step, never an encode.
+the causal mask of a token batch would forbid. So a step first handles at most one image: it
+encodes it (vision.py; with the projector on a GPU, on the encoder's own thread while the steps
+go on) and decodes its embeddings in a batch of their own, then builds the token batch as
+above. Running streams lose at most one image's encode (CPU) or embedding decode (GPU) a step.
 """
 
 from __future__ import annotations
@@ -229,33 +229,35 @@ class ContinuousBatcher:
         return self._collect()
 
     def _prefill_one_image(self, running: list[Sequence]) -> None:
-        """Decode the image whose encode has finished into its sequence's KV cells (from where
-        its cached cells end, when the prompt cache gave it part of that image already); then
-        start encoding the next image a running sequence's prefill has reached. A bad image
-        fails its own request; the step goes on for everyone else."""
-        from wicore_cpp.engine.vision import ImageError
-
+        """Start encoding the next image a running sequence's prefill has reached, unless one
+        is being encoded; decode an image whose encode is done into its sequence's KV cells
+        (from where its cached cells end, when the prompt cache gave it part of that image
+        already). A bad image fails its own request; the step goes on for everyone else."""
+        if self._encoding is None:
+            for seq in running:
+                if seq.is_prefilling and seq.finish_reason is None:
+                    image = seq.image_at(seq.n_cached)
+                    if image is not None:
+                        self._encoding = (seq, image,
+                                          self.vision.encode_async(image.data, image.n_tokens))
+                        break
+        # On the CPU the encode was done just now; on a GPU it may have finished meanwhile.
         if self._encoding is not None and self._encoding[2].done():
             seq, image, future = self._encoding
             self._encoding = None
             if seq.finish_reason is None and seq.image_at(seq.n_cached) is image:
-                try:
-                    embd = future.result()
-                except ImageError as exc:
-                    log.warning("request %s: image at position %d: %s", seq.request_id,
-                                image.pos, exc)
-                    seq.finish(FINISH_ERROR, f"the image could not be encoded: {exc}")
-                else:
-                    self._decode_image(seq, image, embd)
-        if self._encoding is not None:
+                self._take_encoded(seq, image, future)
+
+    def _take_encoded(self, seq: Sequence, image: PromptImage, future: Future) -> None:
+        from wicore_cpp.engine.vision import ImageError
+
+        try:
+            embd = future.result()
+        except ImageError as exc:
+            log.warning("request %s: image at position %d: %s", seq.request_id, image.pos, exc)
+            seq.finish(FINISH_ERROR, f"the image could not be encoded: {exc}")
             return
-        for seq in running:
-            if seq.is_prefilling and seq.finish_reason is None:
-                image = seq.image_at(seq.n_cached)
-                if image is not None:
-                    self._encoding = (seq, image,
-                                      self.vision.encode_async(image.data, image.n_tokens))
-                    return
+        self._decode_image(seq, image, embd)
 
     def _decode_image(self, seq: Sequence, image: PromptImage, embd) -> None:
         rows = embd[seq.n_cached - image.pos:]
