@@ -212,7 +212,7 @@ def test_prompt_layout_equals_libmtmds_own(demo_model_path, projector_path):
 # -- the worker's batch ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("background", [False, True], ids=["cpu-between-steps",
+@pytest.mark.parametrize("background", [False, True], ids=["between-steps",
                                                              "encoder-thread"])
 def test_batcher_encodes_one_image_a_step_and_a_bad_one_fails_alone(demo_model_path,
                                                                     projector_path, background):

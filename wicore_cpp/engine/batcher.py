@@ -10,10 +10,10 @@ sequence starts. A request with `n` choices prefills once and then runs as `n` s
 
 Images. A prompt's image positions are prefilled from embeddings, not tokens, and llama.cpp
 takes a batch of either, not both; Gemma 3's image positions also attend to each other, which
-the causal mask of a token batch would forbid. So a step first handles at most one image: it
-encodes it (vision.py; with the projector on a GPU, on the encoder's own thread while the steps
-go on) and decodes its embeddings in a batch of their own, then builds the token batch as
-above. Running streams lose at most one image's encode (CPU) or embedding decode (GPU) a step.
+the causal mask of a token batch would forbid. So one image at a time is encoded on the vision
+encoder's own thread (vision.py) while the steps go on; the step after its encode is done first
+decodes its embeddings in a batch of their own, then builds the token batch as above. Running
+streams lose at most one image's embedding decode a step, never a whole encode.
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ class ContinuousBatcher:
                         self._encoding = (seq, image,
                                           self.vision.encode_async(image.data, image.n_tokens))
                         break
-        # On the CPU the encode was done just now; on a GPU it may have finished meanwhile.
+        # Done meanwhile (or just now, when the encoder does not run in the background).
         if self._encoding is not None and self._encoding[2].done():
             seq, image, future = self._encoding
             self._encoding = None

@@ -5,8 +5,8 @@ backend.py, the only module that touches ctypes.
 The calls are those of libmtmd's own `mtmd_helper_eval_chunks` (tools/mtmd/mtmd-helper.cpp in
 the pinned llama.cpp), split so that the batcher can interleave them with everyone else's
 decode steps: `mtmd_tokenize_from_parts` preprocesses the image (resize, normalise) into an
-image chunk, `mtmd_encode_chunk` runs the vision tower and projector (on a GPU: on a thread of
-its own, while the batcher goes on decoding), and the embeddings are decoded into the sequence's KV
+image chunk, `mtmd_encode_chunk` runs the vision tower and projector (on a thread of its own,
+while the batcher goes on decoding), and the embeddings are decoded into the sequence's KV
 cells as a batch of `embd` rows, with the causal mask off when `mtmd_decode_use_non_causal`
 says so (Gemma 3: an image's positions attend to each other).
 """
@@ -42,10 +42,10 @@ class VisionEncoder:
     """A loaded projector (`mtmd_init_from_file`) bound to one text model and its context."""
 
     def __init__(self, path: Path, model: Model, *, use_gpu: bool, threads: int,
-                 flash_attn: str = "auto", background: bool | None = None):
-        """`background`: encode on a thread of its own beside the decode steps (default: when
-        the projector is on the GPU, see `encode_async`). Raises BackendError when libmtmd
-        cannot load the projector for this model."""
+                 flash_attn: str = "auto", background: bool = True):
+        """`background`: encode on a thread of its own beside the decode steps (the default;
+        False: between two steps, see `encode_async`). Raises BackendError when libmtmd cannot
+        load the projector for this model."""
         hook = llama_log()
         # libmtmd logs through its own hook; route it into the same `wicore.llama` logger.
         mt.mtmd_log_set(hook.callback, ctypes.c_void_p(0))
@@ -65,7 +65,7 @@ class VisionEncoder:
             raise BackendError(f"{path} has no vision encoder")
         self.path = path
         self.use_gpu = use_gpu
-        self.in_background = use_gpu if background is None else background
+        self.in_background = background
         self.n_embd = lc.llama_model_n_embd_inp(model.ptr)
         self.is_non_causal = bool(mt.mtmd_decode_use_non_causal(self.ptr, None))
         self._batch = None
@@ -75,12 +75,12 @@ class VisionEncoder:
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix="vision")
 
     def encode_async(self, data: bytes, expected_tokens: int) -> Future[np.ndarray]:
-        """`encode` on the encoder thread (by default when the projector is on the GPU); the
-        future raises
-        what `encode` raises. On the CPU it is done here and now (the future is done): two
-        ggml thread pools on the same cores slow each other down far more than taking turns
-        (tools/bench.py images measured inter-token gaps of 1.5 s with the encode beside the
-        decode on 2 cores, against the encode's own 0.7 s when it runs between two steps)."""
+        """`encode` on the encoder thread, beside the decode steps (or here and now, the
+        future done, with `background=False`); the future raises what `encode` raises.
+
+        On two busy CPU cores, tools/bench.py images measured the running streams' median gap
+        at 178 ms while images arrived with the encode on its thread, and at 5.7 s with it
+        between two steps (each step then waits for a whole encode); see the README."""
         if self.in_background:
             return self._encoder.submit(self.encode, data, expected_tokens)
         done: Future[np.ndarray] = Future()
