@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 DEMO   := models/gemma-3-demo.gguf
+DEMO_MMPROJ := models/mmproj-gemma-3-demo-f16.gguf
 BENCH_MODEL := models/bench-gemma3-q8_0.gguf
 LLAMA_PIN := llama-cpp-python==0.3.36
 
@@ -39,17 +40,18 @@ install-test: $(VENV)/.installed-test
 install-bench: $(VENV)/.installed-bench
 install-ray: $(VENV)/.installed-ray
 
-$(DEMO): tools/make_model.py | $(VENV)/.installed
-	$(BIN)/python tools/make_model.py --preset demo --out $@
+# The demo model and its vision projector (found beside it by name), made together.
+$(DEMO) $(DEMO_MMPROJ) &: tools/make_model.py | $(VENV)/.installed
+	$(BIN)/python tools/make_model.py --preset demo --out $(DEMO) --mmproj $(DEMO_MMPROJ)
 
-demo-model: $(DEMO)
+demo-model: $(DEMO) $(DEMO_MMPROJ)
 
-serve: $(VENV)/.installed $(DEMO)
+serve: $(VENV)/.installed $(DEMO) $(DEMO_MMPROJ)
 	$(BIN)/wicore serve --host $(HOST) --port $(PORT)
 
 # The suite, then the one test that serves Gemma-3-27B's real size (about 20 GiB of RAM for a
 # few minutes), alone: tests/test_big_model.py.
-test: $(VENV)/.installed-test $(DEMO) systemd-tools
+test: $(VENV)/.installed-test $(DEMO) $(DEMO_MMPROJ) systemd-tools
 	$(BIN)/python -m pytest
 	$(MAKE) test-big
 
@@ -85,4 +87,4 @@ install-cuda: $(VENV)/.installed
 	CMAKE_ARGS="-DGGML_CUDA=on" $(BIN)/pip install --force-reinstall --no-cache-dir --no-deps $(LLAMA_PIN)
 
 clean:
-	rm -rf $(VENV) $(DEMO) $(BENCH_MODEL)
+	rm -rf $(VENV) $(DEMO) $(DEMO_MMPROJ) $(BENCH_MODEL)

@@ -14,6 +14,9 @@ Subcommands:
   fairness  time to first token of a key sending one request a second, alone and while
             another key floods the queue with 40 requests at once (WiCore with API keys:
             `--api-keys` with the two keys given to this command).
+  images    inter-token latency of running text streams while image requests arrive
+            (WiCore with a vision projector): the streams' gaps before the images, and while
+            they are encoded and prefilled, and the image requests' TTFT.
   compare   starts WiCore, then llama-cpp-python's own server, on the same GGUF with the
             same threads (one at a time, never both), runs concurrency 1 and 16 on each and
             the priority test on WiCore, prints a Markdown table and the ratios, and writes
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import math
@@ -1435,6 +1439,159 @@ async def run_hol(cfg: HolConfig) -> dict[str, Any]:
     }
 
 
+@dataclass
+class ImagesConfig:
+    url: str
+    model: str
+    streams: int  # text streams running throughout
+    images: int  # image requests, one every `interval_s` once the streams run
+    interval_s: float
+    image_size: tuple[int, int]
+    max_tokens: int  # each text stream's
+    timeout_s: float
+
+
+def _noise_png(seed: int, size: tuple[int, int]) -> bytes:
+    """A picture no other request sends (so no prompt cache hit), as PNG."""
+    import io
+    import random
+    import zlib
+
+    # Plain zlib PNG, so the bench needs no imaging library.
+    rng = random.Random(seed)
+    width, height = size
+    raw = b"".join(b"\x00" + rng.randbytes(width * 3) for _ in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return (len(data).to_bytes(4, "big") + body
+                + (zlib.crc32(body) & 0xFFFFFFFF).to_bytes(4, "big"))
+
+    out = io.BytesIO()
+    out.write(b"\x89PNG\r\n\x1a\n")
+    out.write(chunk(b"IHDR", width.to_bytes(4, "big") + height.to_bytes(4, "big")
+                    + bytes([8, 2, 0, 0, 0])))
+    out.write(chunk(b"IDAT", zlib.compress(raw, 1)))
+    out.write(chunk(b"IEND", b""))
+    return out.getvalue()
+
+
+def _token_times(res: RequestResult) -> list[float]:
+    """When each content chunk of a stream arrived (seconds from the run's start)."""
+    if res.ttft is None:
+        return []
+    times = [res.start + res.ttft]
+    for gap in res.gaps:
+        times.append(times[-1] + gap)
+    return times
+
+
+async def run_images(cfg: ImagesConfig) -> dict[str, Any]:
+    """Text streams' inter-token gaps before and while image requests are served."""
+    import base64
+
+    t0 = time.perf_counter()
+    started = asyncio.Event()
+    first_tokens = 0
+
+    def on_first() -> None:
+        nonlocal first_tokens
+        first_tokens += 1
+        if first_tokens == cfg.streams:
+            started.set()
+
+    async with _session(cfg.streams + cfg.images + 4, keep_alive=False) as session:
+        texts = [asyncio.create_task(stream_request(
+            session, cfg.url, chat_body(cfg.model, i, cfg.max_tokens, None, None, True), i,
+            cfg.timeout_s, t0, on_first)) for i in range(cfg.streams)]
+        await asyncio.wait_for(started.wait(), cfg.timeout_s)
+        await asyncio.sleep(1.0)  # a second of steady decoding before the first image
+        images_from = time.perf_counter() - t0
+        image_tasks = []
+        for k in range(cfg.images):
+            url = "data:image/png;base64," + base64.b64encode(
+                _noise_png(BASE_SEED + k, cfg.image_size)).decode()
+            body = chat_body(cfg.model, k, 8, None, None, True)
+            body["messages"] = [{"role": "user", "content": [
+                {"type": "text", "text": "What is in this picture?"},
+                {"type": "image_url", "image_url": {"url": url}}]}]
+            image_tasks.append(asyncio.create_task(stream_request(
+                session, cfg.url, body, 1000 + k, cfg.timeout_s, t0)))
+            await asyncio.sleep(cfg.interval_s)
+        image_results = await asyncio.gather(*image_tasks)
+        images_until = max((r.start + r.ttft for r in image_results if r.ttft is not None),
+                           default=time.perf_counter() - t0)
+        text_results = await asyncio.gather(*texts)
+    before: list[float] = []
+    during: list[float] = []
+    for res in text_results:
+        times = _token_times(res)
+        for prev, now in itertools.pairwise(times):
+            if now <= images_from:
+                before.append(now - prev)
+            elif prev >= images_from and now <= images_until:
+                during.append(now - prev)
+
+    def stats(gaps: list[float]) -> dict[str, Any]:
+        return {"gaps": len(gaps), "p50_ms": _ms(percentile(gaps, 50)),
+                "p90_ms": _ms(percentile(gaps, 90)), "p99_ms": _ms(percentile(gaps, 99)),
+                "max_ms": _ms(max(gaps, default=None))}
+
+    ttfts = [r.ttft for r in image_results if r.ttft is not None]
+    errors = [r.error for r in (*text_results, *image_results) if r.error]
+    return {
+        "streams": cfg.streams, "images": cfg.images, "interval_s": cfg.interval_s,
+        "image_size": list(cfg.image_size),
+        "images_window_s": round(images_until - images_from, 3),
+        "itl_before_images": stats(before), "itl_while_images": stats(during),
+        "image_ttft_ms": {"p50": _ms(percentile(ttfts, 50)), "max": _ms(max(ttfts,
+                                                                            default=None))},
+        "errors": errors,
+    }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+async def images(args: argparse.Namespace) -> int:
+    """The `images` subcommand: start WiCore (unless --url), run, print, write JSON."""
+    width, height = (int(x) for x in args.image_size.lower().split("x"))
+    server = None
+    url, model = args.url, args.model
+    if url is None:
+        threads = args.threads or physical_cores()
+        server = wicore_server(args.model, threads, Path(args.out_dir), args.wicore_arg,
+                               log_name="wicore-images")
+        server.start()
+        model = "bench"
+    try:
+        if server is not None:
+            await server.wait_ready(args.start_timeout)
+            url = server.url
+        report = await run_images(ImagesConfig(
+            url=url, model=model, streams=args.streams, images=args.images,
+            interval_s=args.interval, image_size=(width, height), max_tokens=args.max_tokens,
+            timeout_s=args.timeout))
+    finally:
+        if server is not None:
+            server.stop()
+    report["loadavg"] = _loadavg()
+    b, d = report["itl_before_images"], report["itl_while_images"]
+    emit(f"{report['streams']} text streams, {report['images']} images of "
+         f"{width}x{height} every {report['interval_s']:g} s "
+         f"(over {report['images_window_s']:g} s); load average {report['loadavg']}")
+    emit("| text streams' inter-token latency | gaps | p50 (ms) | p90 (ms) | p99 (ms) | max (ms) |")
+    emit("|---|---:|---:|---:|---:|---:|")
+    for name, row in (("before the images", b), ("while images arrive", d)):
+        emit(f"| {name} | {row['gaps']} | {row['p50_ms']} | {row['p90_ms']} | {row['p99_ms']} "
+             f"| {row['max_ms']} |")
+    emit(f"image requests' TTFT: p50 {report['image_ttft_ms']['p50']} ms, max "
+         f"{report['image_ttft_ms']['max']} ms; errors {len(report['errors'])}")
+    _write_json(args.json, report)
+    return 1 if report["errors"] else 0
+
+
 def _write_json(path: str | None, data: dict[str, Any]) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -1521,6 +1678,24 @@ def build_parser() -> argparse.ArgumentParser:
     ht.add_argument("--repeats", type=int, default=3)
     ht.add_argument("--json", metavar="OUT")
 
+    im = sub.add_parser("images", help="text streams' ITL while image requests arrive (WiCore)")
+    im.add_argument("--url", default=None, help="a running server; default: start WiCore")
+    im.add_argument("--model", required=True,
+                    help="GGUF file (with --url: the model id); its projector is found beside "
+                    "it (tools/make_model.py --mmproj) or given with --wicore-arg")
+    im.add_argument("--threads", type=int, default=0, help="default: physical cores")
+    im.add_argument("--streams", type=int, default=8)
+    im.add_argument("--images", type=int, default=4)
+    im.add_argument("--interval", type=float, default=0.5, help="seconds between images")
+    im.add_argument("--image-size", default="640x480", help="WIDTHxHEIGHT of each picture")
+    im.add_argument("--max-tokens", type=int, default=160, help="each text stream's")
+    im.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
+    im.add_argument("--start-timeout", type=float, default=300.0)
+    im.add_argument("--out-dir", default="bench-results")
+    im.add_argument("--wicore-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument for `wicore serve` (repeatable)")
+    im.add_argument("--json", metavar="OUT")
+
     mt = sub.add_parser("multiturn", help="multi-turn chats: WiCore vs llama.cpp's llama-server")
     mt.add_argument("--model", required=True, help="GGUF file")
     mt.add_argument("--threads", type=int, default=0, help="default: physical cores")
@@ -1596,6 +1771,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0 if short["ok"] == short["count"] else 1
     if args.command == "multiturn":
         return asyncio.run(multiturn(args))
+    if args.command == "images":
+        return asyncio.run(images(args))
     if args.command == "host-tier":
         rows = measure_host_tier(args.model, args.threads or physical_cores(),
                                  [int(x) for x in args.lengths.split(",")], args.repeats)

@@ -87,6 +87,10 @@ GEMMA3_CHAT_TEMPLATE = (
 # Special tokens, in Gemma's order (ids 0..5).
 PAD, EOS, BOS, UNK, START_OF_TURN, END_OF_TURN = range(6)
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+# The image delimiters Gemma 3's template and llama.cpp's libmtmd write around an image. They are
+# the last two ids of the vocabulary (in Gemma 3 they sit near its end too), so adding them moved
+# no other token; their embedding rows are the ones the pieces they replaced had.
+IMAGE_TOKENS = ["<start_of_image>", "<end_of_image>"]
 BYTE_TOKEN_BASE = len(SPECIAL_TOKENS)  # <0x00> .. <0xFF> follow the special tokens
 FIRST_NORMAL_TOKEN = BYTE_TOKEN_BASE + 256
 
@@ -250,11 +254,14 @@ def build_vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
         add(piece)
     if len(pieces) < n_normal:
         raise ValueError(f"cannot make {n_vocab} distinct tokens")
-    normal = list(pieces)[:n_normal]
+    normal = list(pieces)[:n_normal - len(IMAGE_TOKENS)]
 
     scores = [0.0] * len(tokens) + [-float(i) for i in range(len(normal))]
     tokens += normal
     types += [gguf.TokenType.NORMAL] * len(normal)
+    scores += [-float(len(normal))] * len(IMAGE_TOKENS)  # control tokens: scores unused
+    tokens += IMAGE_TOKENS
+    types += [gguf.TokenType.CONTROL] * len(IMAGE_TOKENS)
     assert len(tokens) == n_vocab and len(set(tokens)) == n_vocab
     assert all(len(t.encode("utf-8")) < 32 for t in tokens)  # llama-cpp-python detokenize limit
     return tokens, scores, [int(t) for t in types]
@@ -475,6 +482,132 @@ def write_sparse_model(out_path: str | os.PathLike[str], preset: str = "gemma-3-
     return out
 
 
+class ProjectorPreset(NamedTuple):
+    """A Gemma 3 vision tower (SigLIP) and its projector onto the text model's embeddings."""
+
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_ff: int
+    image_size: int  # every image is resized to a square of this side
+    patch_size: int
+    n_merge: int  # patches averaged per side before the projection (Gemma 3: 4)
+
+    @property
+    def image_tokens(self) -> int:
+        """Tokens one image takes in the prompt: Gemma 3's 256 for every preset here."""
+        return (self.image_size // self.patch_size // self.n_merge) ** 2
+
+
+# Gemma 3's real tower is 27 layers of width 1152 (about 400M parameters) over 896 px images: 4096
+# patches of 14 px, average-pooled 4x4 into 256 tokens. The demo keeps the 256 tokens and the
+# patches but takes 448 px images pooled 2x2 (attention over 1024 patches, not 4096) and a narrow,
+# shallow tower, so tests on two busy cores encode an image in a small fraction of a second.
+PROJECTOR_PRESETS: dict[str, ProjectorPreset] = {
+    "demo": ProjectorPreset(n_embd=64, n_layer=2, n_head=2, n_ff=128, image_size=448,
+                            patch_size=14, n_merge=2),
+    "demo-swa32": ProjectorPreset(n_embd=64, n_layer=2, n_head=2, n_ff=128, image_size=448,
+                                  patch_size=14, n_merge=2),
+    # Gemma 3's own input size and pooling (896 px, 4096 patches pooled 4x4), a narrow tower.
+    "bench": ProjectorPreset(n_embd=128, n_layer=2, n_head=2, n_ff=512, image_size=896,
+                             patch_size=14, n_merge=4),
+}
+# SigLIP's preprocessing constants in Gemma 3's processor (mean and std 0.5 on every channel).
+IMAGE_MEAN = [0.5, 0.5, 0.5]
+IMAGE_STD = [0.5, 0.5, 0.5]
+
+
+def projector_path_for(model_path: str | os.PathLike[str]) -> Path:
+    """Where `make demo-model` puts a model's projector: `mmproj-<model stem>-f16.gguf`
+    beside it, the name the server finds by itself."""
+    model = Path(model_path)
+    return model.with_name(f"mmproj-{model.stem}-f16.gguf")
+
+
+def _projector_weights(p: ProjectorPreset, n_embd_text: int, rng: np.random.Generator):
+    """Yield (name, float32 array) of a Gemma 3 projector, named as llama.cpp's clip loader
+    looks them up (tools/mtmd/clip-impl.h). numpy shape = reversed ggml shape."""
+    d, n_patches = p.n_embd, (p.image_size // p.patch_size) ** 2
+    yield "v.patch_embd.weight", _normal(rng, (d, 3, p.patch_size, p.patch_size),
+                                         1 / np.sqrt(3 * p.patch_size**2))
+    yield "v.patch_embd.bias", np.zeros(d, dtype=np.float32)
+    yield "v.position_embd.weight", _normal(rng, (n_patches, d), 0.02)
+    ones, zeros = np.ones(d, dtype=np.float32), np.zeros(d, dtype=np.float32)
+    for i in range(p.n_layer):
+        b = f"v.blk.{i}."
+        for part in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            yield b + part + ".weight", _normal(rng, (d, d), 1 / np.sqrt(d))
+            yield b + part + ".bias", zeros
+        yield b + "ln1.weight", ones
+        yield b + "ln1.bias", zeros
+        yield b + "ln2.weight", ones
+        yield b + "ln2.bias", zeros
+        # up: d -> n_ff, down: n_ff -> d (the loader swaps them back if a file has them reversed)
+        yield b + "ffn_up.weight", _normal(rng, (p.n_ff, d), 1 / np.sqrt(d))
+        yield b + "ffn_up.bias", np.zeros(p.n_ff, dtype=np.float32)
+        yield b + "ffn_down.weight", _normal(rng, (d, p.n_ff), 1 / np.sqrt(p.n_ff))
+        yield b + "ffn_down.bias", zeros
+    yield "v.post_ln.weight", ones
+    yield "v.post_ln.bias", zeros
+    yield "mm.soft_emb_norm.weight", ones
+    # Applied transposed: (vision width -> text width). Small, like the text embedding rows, so
+    # an image does not swamp the random model's residual stream.
+    yield "mm.input_projection.weight", _normal(rng, (d, n_embd_text),
+                                                EMBD_STD_TIMES_SQRT_D / np.sqrt(n_embd_text))
+
+
+def write_projector(out_path: str | os.PathLike[str], preset: str = "demo",
+                    dtype: str = "f16", seed: int = 0) -> Path:
+    """Write a random-weight Gemma 3 projector (mmproj GGUF) that fits `preset`'s text model,
+    atomically, and return its path. llama.cpp's libmtmd loads it like Google's own
+    (mmproj-model-f16.gguf): 256 tokens per image, the same preprocessing, gibberish output."""
+    if preset not in PROJECTOR_PRESETS:
+        raise ValueError(f"no projector preset {preset!r}; one of {sorted(PROJECTOR_PRESETS)}")
+    if dtype not in ("f32", "f16"):
+        raise ValueError(f"projector dtype must be f32 or f16, not {dtype!r}")
+    p, text = PROJECTOR_PRESETS[preset], PRESETS[preset]
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{out.name}.tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        w = gguf.GGUFWriter(tmp, "clip")
+        w.add_name(f"gemma-3-{preset}-random-mmproj")
+        w.add_description("Random-weight Gemma 3 vision projector for tests and benchmarks")
+        w.add_file_type(int(DTYPES[dtype][1]))
+        w.add_string("clip.projector_type", "gemma3")
+        w.add_bool("clip.has_vision_encoder", True)
+        w.add_bool("clip.use_gelu", True)
+        w.add_uint32("clip.vision.embedding_length", p.n_embd)
+        w.add_uint32("clip.vision.feed_forward_length", p.n_ff)
+        w.add_uint32("clip.vision.block_count", p.n_layer)
+        w.add_uint32("clip.vision.projection_dim", text.n_embd)
+        w.add_uint32("clip.vision.attention.head_count", p.n_head)
+        w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+        w.add_uint32("clip.vision.image_size", p.image_size)
+        w.add_uint32("clip.vision.patch_size", p.patch_size)
+        w.add_uint32("clip.vision.projector.scale_factor", p.n_merge)
+        w.add_array("clip.vision.image_mean", IMAGE_MEAN)
+        w.add_array("clip.vision.image_std", IMAGE_STD)
+        rng = np.random.default_rng(seed)
+        for name, arr in _projector_weights(p, text.n_embd, rng):
+            # Like the converter: matrices (and the patch kernel) in the file's type, the rest F32.
+            if arr.ndim >= 2 and dtype == "f16" and name != "v.position_embd.weight":
+                arr = arr.astype(np.float16)
+            w.add_tensor(name, arr)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
@@ -483,6 +616,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="weight type (default: f16 for demo, q8_0 for bench, q4_k_m for "
                         "gemma-3-27b; q4_k_m and qat-q4_0 only for gemma-3-27b)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mmproj", nargs="?", const="", default=None, metavar="PATH",
+                        help="also write the preset's vision projector (Gemma 3 mmproj GGUF), to "
+                        "PATH or, without one, beside --out as mmproj-<stem>-f16.gguf")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -492,6 +628,11 @@ def main(argv: list[str] | None = None) -> int:
     size = out.stat().st_size
     log.info("wrote %s (%s preset, %s, %d layers, vocab %d): %.1f MB", out, args.preset,
              args.dtype or p.default_dtype, p.n_layer, p.n_vocab, size / 1e6)
+    if args.mmproj is not None:
+        proj = write_projector(args.mmproj or projector_path_for(out), preset=args.preset,
+                               seed=args.seed)
+        log.info("wrote %s (%s projector, %d tokens an image): %.1f MB", proj, args.preset,
+                 PROJECTOR_PRESETS[args.preset].image_tokens, proj.stat().st_size / 1e6)
     return 0
 
 

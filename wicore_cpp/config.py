@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,6 +92,12 @@ class Config(BaseModel):
     model: str | None = Field(None, description="Serve this one GGUF file (overrides `models`).")
     model_id: str | None = Field(None, description="Id for `--model`; defaults to the file stem.")
     models_dir: str = Field("models", description="Folder searched for the default models.")
+    mmproj: dict[str, str] = Field(
+        default_factory=dict,
+        description="Served model ids mapped to their vision projector (mmproj GGUF); \"\" "
+        "turns images off for that model. A model not listed uses a projector found beside "
+        "its file whose name says it is that model's (mmproj-<model name>...gguf).",
+    )
     workers: int = Field(1, ge=1, le=64, description="Worker processes per model.")
     gpu_ids: list[int] = Field(
         default_factory=list,
@@ -162,6 +169,26 @@ class Config(BaseModel):
         -1, ge=-1, description="Host memory per worker (MiB) for evicted prompt prefixes, put "
         "back when a request comes back for them; 0: off; -1: an eighth of RAM shared by the "
         "workers (at most a quarter of the free RAM), off under 16 GiB.",
+    )
+    max_images: int = Field(
+        8, ge=0, le=64, description="Images one chat request may carry (each is 256 prompt "
+        "tokens for Gemma 3); 0 refuses images.",
+    )
+    image_max_bytes: ByteSize = Field(
+        ByteSize(20 << 20), description="Largest image file (a data: URL's decoded bytes, or a "
+        "fetched image), e.g. 20MiB.",
+    )
+    image_max_pixels: int = Field(
+        25_000_000, ge=1, description="Largest image in pixels (width x height), checked "
+        "before it is decoded.",
+    )
+    image_url_hosts: list[str] = Field(
+        default_factory=list, description="Hosts whose http(s) image URLs the server fetches "
+        "(`images.example.com`, `*.example.com`, or `*` for any); empty: image URLs are "
+        "refused and images come as data: URLs only.",
+    )
+    image_url_timeout_s: float = Field(
+        10.0, gt=0, description="Deadline for fetching one http(s) image URL.",
     )
     max_concurrent_requests: int = Field(
         32, ge=1, description="Requests admitted (running or queued) before 429."
@@ -269,6 +296,9 @@ class Config(BaseModel):
         if self.num_seq_ids > 256:
             raise ValueError("max_batch_size + urgent_slots + fair_slots + prompt_cache_seqs "
                              "cannot exceed 256 (llama.cpp's sequence limit)")
+        for host in self.image_url_hosts:
+            if not re.fullmatch(r"\*|(\*\.)?[A-Za-z0-9.-]+(:\d+)?", host):
+                raise ValueError(f"image_url_hosts: {host!r} is not a host name, *.domain or *")
         if self.kv_cache_type != "f16" and self.flash_attn == "off":
             # llama.cpp stores a quantized V cache only with flash attention (it refuses the
             # context otherwise); K and V share one setting here.
@@ -325,6 +355,50 @@ class Config(BaseModel):
             f"to serve {REAL_MODEL_ID!r}."
         )
         return {DEMO_MODEL_ID: demo}, note
+
+    def served_projectors(self) -> dict[str, Path | None]:
+        """Each served model id's vision projector (None: it takes no images): `mmproj` where
+        it names one, else one found beside the model file (see `find_projector`). Raises
+        ModelFileError when `mmproj` names a model that is not served."""
+        models, _ = self.served_models()
+        unknown = sorted(set(self.mmproj) - set(models))
+        if unknown:
+            raise ModelFileError(f"mmproj names {', '.join(map(repr, unknown))}, which "
+                                 f"{'is' if len(unknown) == 1 else 'are'} not served (served: "
+                                 f"{', '.join(map(repr, models))})")
+        out: dict[str, Path | None] = {}
+        for model_id, path in models.items():
+            if model_id in self.mmproj:
+                out[model_id] = Path(self.mmproj[model_id]) if self.mmproj[model_id] else None
+            else:
+                out[model_id] = find_projector(path)
+        return out
+
+
+# Precision tags a projector's file name may end with (mmproj-model-f16.gguf).
+_PRECISION_TAG = re.compile(r"[-_.](f16|bf16|f32|q8_0|q4_0|q4_1|q5_0|q5_1|q6_k|q4_k_m)$")
+
+
+def find_projector(model_path: Path) -> Path | None:
+    """The vision projector beside a model file whose name says it is that model's: a GGUF
+    named `mmproj-<name>[-f16].gguf` (or `<name>-mmproj...`) where the model's file name starts
+    with `<name>` (`mmproj-gemma-3-27b-it-f16.gguf` for `gemma-3-27b-it-Q4_K_M.gguf`). Of
+    several, the longest `<name>`; a bare `mmproj-f16.gguf` names no model and is not taken."""
+    model_stem = model_path.stem.lower()
+    best: tuple[int, str, Path] | None = None
+    try:
+        candidates = [p for p in model_path.parent.iterdir()
+                      if p.suffix.lower() == ".gguf" and "mmproj" in p.name.lower()]
+    except OSError:
+        return None
+    for candidate in candidates:
+        name = _PRECISION_TAG.sub("", candidate.stem.lower())
+        name = name.replace("mmproj", "").strip("-_. ")
+        if name and model_stem.startswith(name):
+            key = (len(name), candidate.name, candidate)
+            if best is None or key[:2] > best[:2]:
+                best = key
+    return best[2] if best else None
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import orjson
 from aiohttp import web
 
 from wicore_cpp.config import DEFAULT_CTX_SIZE, Config, ConfigError
+from wicore_cpp.engine.images import check_projectors
 from wicore_cpp.engine.memory_fit import FitResult, describe, fitted_config, plan_for_config
 from wicore_cpp.engine.memory_plan import gib
 from wicore_cpp.errors import ModelFileError
@@ -35,7 +36,11 @@ def check_models(config: Config) -> dict[str, GGUFFile]:
     models, note = config.served_models()
     if note:
         log.warning("%s", note)
-    return {model_id: check_model_file(path) for model_id, path in models.items()}
+    checked = {model_id: check_model_file(path) for model_id, path in models.items()}
+    for model_id, projector in check_projectors(config).items():
+        log.info("%s takes images: vision projector %s (%.1f MiB, %d tokens an image)",
+                 model_id, projector.path, projector.size_bytes / 2**20, projector.image_tokens)
+    return checked
 
 
 def _has_ray() -> bool:

@@ -7,13 +7,22 @@ New requests join between steps; finished ones leave, and their KV cells either 
 pool at once or stay in the prompt cache (prompt_cache.py), which also decides where a new
 sequence starts. A request with `n` choices prefills once and then runs as `n` sequences
 (`_fan_out_choices`).
+
+Images. A prompt's image positions are prefilled from embeddings, not tokens, and llama.cpp
+takes a batch of either, not both; Gemma 3's image positions also attend to each other, which
+the causal mask of a token batch would forbid. So one image at a time is encoded on the vision
+encoder's own thread (vision.py) while the steps go on; the step after its encode is done first
+decodes its embeddings in a batch of their own, then builds the token batch as above. Running
+streams lose at most one image's embedding decode a step, never a whole encode.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
+from typing import TYPE_CHECKING
 
 from wicore_cpp.engine.backend import (
     BatchContext,
@@ -23,6 +32,7 @@ from wicore_cpp.engine.backend import (
     logits_at,
     token_logprob,
 )
+from wicore_cpp.engine.images import PromptImage
 from wicore_cpp.engine.messages import (
     FINISH_CANCELLED,
     FINISH_ERROR,
@@ -39,6 +49,9 @@ from wicore_cpp.engine.sequence import Sequence
 # small.
 PROMPT_LOGITS_PER_STEP = 64
 
+if TYPE_CHECKING:
+    from wicore_cpp.engine.vision import VisionEncoder
+
 log = logging.getLogger("wicore.batcher")
 
 
@@ -46,12 +59,16 @@ class ContinuousBatcher:
     def __init__(self, model: Model, ctx: BatchContext, max_batch_size: int | None = None,
                  sample_threads: int = 1, grammar_budget_s: float = 0.5, *,
                  max_running: int | None = None, cache_cells: int = 0,
-                 cache_host_bytes: int = 0):
+                 cache_host_bytes: int = 0, vision: VisionEncoder | None = None):
         """`max_running`: sequences at once (default: every seq id of the context; seq ids
         beyond it are for cached prefixes); `cache_cells`: most KV cells the prompt cache may
-        hold (0: no cache); `cache_host_bytes`: its host-memory tier (0: none)."""
+        hold (0: no cache); `cache_host_bytes`: its host-memory tier (0: none); `vision`: the
+        model's projector, for prompts with images."""
         self.model = model
         self.ctx = ctx
+        self.vision = vision
+        # The image being encoded: (its sequence, the image, the encoder's future).
+        self._encoding: tuple[Sequence, PromptImage, Future] | None = None
         # Slots beyond max_batch_size are for urgent requests; a step still decodes at most
         # max_batch_size sequences, pausing the lowest-priority ones.
         self.max_batch_size = max_batch_size or ctx.n_seq_max
@@ -126,6 +143,10 @@ class ContinuousBatcher:
                                     f"prompt + max_tokens ({need}) exceeds the KV cache "
                                     f"({self.ctx.n_ctx} tokens)")
                 continue
+            if req.images and self.vision is None:
+                self._pending.popleft()
+                self._end_unstarted(req, FINISH_ERROR, "this worker has no vision projector")
+                continue
             if can_wait and self.cache.wait_for(req.prompt_tokens, req.params.cache_prompt):
                 waiting.append(self._pending.popleft())
                 continue
@@ -135,9 +156,11 @@ class ContinuousBatcher:
             self._pending.popleft()
             samplers: list[Sampler] = []
             try:
+                # Image positions are not vocabulary tokens: the repetition penalty skips them.
+                text = ([t for t in req.prompt_tokens if t >= 0] if req.images
+                        else req.prompt_tokens)
                 for i in range(n):
-                    samplers.append(Sampler(req.params, self.model, choice=i,
-                                            prompt=req.prompt_tokens,
+                    samplers.append(Sampler(req.params, self.model, choice=i, prompt=text,
                                             grammar_budget_s=self.grammar_budget_s))
             except GrammarError as exc:
                 log.warning("request %s: %s", req.request_id, exc)
@@ -168,6 +191,8 @@ class ContinuousBatcher:
         running = [s for s in self._active.values() if s.finish_reason is None]
         if len(running) > self.max_batch_size:
             running = self._unpaused(running)
+        if self.vision is not None:
+            self._prefill_one_image(running)
         for seq in running:
             if not seq.is_prefilling and budget > 0:
                 to_sample.append((seq, ctx.add(seq.last_token, seq.n_cached, seq.slot, True)))
@@ -176,9 +201,11 @@ class ContinuousBatcher:
         for seq in running:
             if budget <= 0:
                 break
-            if seq.is_prefilling:
+            if seq.is_prefilling and seq.finish_reason is None:
                 start = seq.n_cached
-                take = min(budget, len(seq.prompt) - start)
+                take = min(budget, seq.text_end(start) - start)
+                if take <= 0:
+                    continue  # its next image waits for a step of its own
                 scored = seq.prompt_logprobs is not None
                 if scored:
                     take = min(take, PROMPT_LOGITS_PER_STEP)
@@ -198,6 +225,10 @@ class ContinuousBatcher:
                 progress.append((seq, take))
                 budget -= take
 
+        if not ctx.batch_size and self._encoding is not None:
+            # Nothing to decode until the image is encoded: wait for it (briefly, so that new
+            # requests and cancellations are still read) rather than spin.
+            wait_for_futures([self._encoding[2]], timeout=0.05)
         if ctx.batch_size:
             rc = ctx.decode()
             while rc == 1 and self.cache.evict_one():
@@ -218,6 +249,48 @@ class ContinuousBatcher:
             seq.accept(token, model.piece(token), model.is_eog(token),
                        self._logprob_of(seq, token))
         return self._collect()
+
+    def _prefill_one_image(self, running: list[Sequence]) -> None:
+        """Start encoding the next image a running sequence's prefill has reached, unless one
+        is being encoded; decode an image whose encode is done into its sequence's KV cells
+        (from where its cached cells end, when the prompt cache gave it part of that image
+        already). A bad image fails its own request; the step goes on for everyone else."""
+        if self._encoding is None:
+            for seq in running:
+                if seq.is_prefilling and seq.finish_reason is None:
+                    image = seq.image_at(seq.n_cached)
+                    if image is not None:
+                        self._encoding = (seq, image,
+                                          self.vision.encode_async(image.data, image.n_tokens))
+                        break
+        # Done meanwhile (or just now, when the encoder does not run in the background).
+        if self._encoding is not None and self._encoding[2].done():
+            seq, image, future = self._encoding
+            self._encoding = None
+            if seq.finish_reason is None and seq.image_at(seq.n_cached) is image:
+                self._take_encoded(seq, image, future)
+
+    def _take_encoded(self, seq: Sequence, image: PromptImage, future: Future) -> None:
+        from wicore_cpp.engine.vision import ImageError
+
+        try:
+            embd = future.result()
+        except ImageError as exc:
+            log.warning("request %s: image at position %d: %s", seq.request_id, image.pos, exc)
+            seq.finish(FINISH_ERROR, f"the image could not be encoded: {exc}")
+            return
+        self._decode_image(seq, image, embd)
+
+    def _decode_image(self, seq: Sequence, image: PromptImage, embd) -> None:
+        rows = embd[seq.n_cached - image.pos:]
+        rc = self.vision.decode(self.ctx, rows, seq.n_cached, seq.slot)
+        while rc == 1 and self.cache.evict_one():
+            rc = self.vision.decode(self.ctx, rows, seq.n_cached, seq.slot)
+        if rc != 0:
+            self._on_decode_failure(rc, [(seq, len(rows))])
+            return
+        seq.n_cached += len(rows)
+        self.cache.after_step([(seq, len(rows))])
 
     def _fan_out_choices(self, to_sample: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
         """The other choices of requests whose prompt was just prefilled, ready to sample.

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wicore_cpp.config import DEMO_MODEL_ID, REAL_MODEL_FILE, REAL_MODEL_ID, Config
+from wicore_cpp.engine.images import ImageInput, Projector, PromptImage, check_projectors
 from wicore_cpp.engine.messages import (
     GenerateRequest,
     PromptCacheStats,
@@ -62,6 +63,7 @@ __all__ = [
     "FINISH_TIMEOUT",
     "CallDelta",
     "EngineClient",
+    "ImageInput",
     "EngineHealth",
     "EngineObserver",
     "EngineStats",
@@ -101,6 +103,11 @@ class ServedModel:
     context_length: int  # the longest sequence (prompt + completion) a request may have
     capabilities: tuple[str, ...] = CAPABILITIES
     max_choices: int = 1  # the largest `n`
+    image_tokens: int = 0  # prompt tokens one image takes; 0: the model takes no images
+
+    @property
+    def takes_images(self) -> bool:
+        return self.image_tokens > 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -178,14 +185,20 @@ class EngineClient:
         models: dict[str, GGUFFile],
         on_fatal: Callable[[str], None] | None = None,
         observers: Sequence[EngineObserver] = (),
+        projectors: dict[str, Projector] | None = None,
     ):
-        """`models` maps each served model id to its checked GGUF file; `observers` are told
-        about every request that ends and every decode step's token gaps."""
+        """`models` maps each served model id to its checked GGUF file, `projectors` those
+        that take images to their checked vision projector; `observers` are told about every
+        request that ends and every decode step's token gaps."""
         self.config = config
         n_ctx = config.ctx_size or DEFAULT_CTX_SIZE
+        if projectors is None:
+            projectors = check_projectors(config)
         self._scheduler = Scheduler(
             config,
-            {mid: (ModelFiles(m.path, n_ctx), m.context_length) for mid, m in models.items()},
+            {mid: (ModelFiles(m.path, n_ctx, projectors[mid].path if mid in projectors
+                              else None), m.context_length)
+             for mid, m in models.items()},
             on_fatal,
             observers,
         )
@@ -196,12 +209,15 @@ class EngineClient:
         }
         self.n_ctx = n_ctx
         self.max_choices = min(config.max_choices, config.max_batch_size)
-        self.models: dict[str, ServedModel] = {
-            mid: ServedModel(mid, int(m.path.stat().st_mtime),
-                             self._scheduler.queues[mid].max_seq_len,
-                             max_choices=self.max_choices)
-            for mid, m in models.items()
-        }
+        self.projectors = projectors
+        self.models: dict[str, ServedModel] = {}
+        for mid, m in models.items():
+            projector = self.projectors.get(mid)
+            self.models[mid] = ServedModel(
+                mid, int(m.path.stat().st_mtime), self._scheduler.queues[mid].max_seq_len,
+                CAPABILITIES + (("vision",) if projector else ()),
+                max_choices=self.max_choices,
+                image_tokens=projector.image_tokens if projector else 0)
         self.default_model_id = next(iter(models))
         self._warmups: list[asyncio.Task] = []
 
@@ -251,11 +267,14 @@ class EngineClient:
         tools: ToolSpec | None = None,
         response_format: ResponseFormat | None = None,
         tenant: str | None = None,
+        images: Sequence[ImageInput] = (),
     ) -> Generation:
         """Render and tokenize the conversation, check it fits, and queue it.
 
-        `messages` are OpenAI's, as plain dicts: `role`, `content` (text or None), and
-        `tool_calls` ([{id, name, arguments}]) or `tool_call_id` where they apply. With
+        `messages` are OpenAI's, as plain dicts: `role`, `content` (text or None; a user
+        message with images: a list of `{"type": "text", "text"}` and `{"type": "image"}`
+        parts, the images' files in `images` in the same order), and `tool_calls`
+        ([{id, name, arguments}]) or `tool_call_id` where they apply. With
         tools in use (not `none`), the tool list goes into the prompt (see tool_calls.py);
         a forced call (`required`, a named function) is held to its schema by a grammar, and
         so is a call the model starts by itself (`auto`). `response_format` holds the answer
@@ -268,10 +287,25 @@ class EngineClient:
         model = self.model(model_id)
         self._check_params(params)
         self._scheduler.check_admission(model.model_id)
+        self._check_images(model, images)
         turns = render_conversation(messages, tools)
         job = PromptJob(messages=turns, token_params=_bias_params(params),
+                        images=tuple(images), image_tokens=model.image_tokens,
+                        max_pixels=self.config.image_max_pixels,
                         **_constraint(tools, response_format))
         return await self._submit(model, job, params, priority, "messages", tenant, received)
+
+    def _check_images(self, model: ServedModel, images: Sequence[ImageInput]) -> None:
+        if not images:
+            return
+        if not model.takes_images:
+            raise InvalidRequest(
+                f"the model {model.model_id!r} does not take images: no vision projector "
+                f"(mmproj) is loaded for it (see the mmproj setting)", param=images[0].param)
+        limit = self.config.max_images
+        if len(images) > limit:
+            raise InvalidRequest(f"{len(images)} images in one request; this server takes at "
+                                 f"most {limit}", param=images[limit].param)
 
     async def complete(
         self,
@@ -327,12 +361,14 @@ class EngineClient:
             at_least = len(job.token_ids)
         else:
             at_least = (await tokenizer.bounds()).min_tokens(job.size)
+            at_least += len(job.images) * job.image_tokens
         if at_least >= limit:
             size = job.size
+            images = f", {len(job.images)} images" if job.images else ""
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {limit} tokens. However, your "
-                f"{prompt_param} ({size.num_messages} messages, {size.num_bytes} bytes of text) "
-                f"come to at least {at_least} tokens.",
+                f"{prompt_param} ({size.num_messages} messages, {size.num_bytes} bytes of text"
+                f"{images}) come to at least {at_least} tokens.",
                 param=prompt_param,
             )
         prepared = await tokenizer.prepare(job)
@@ -354,12 +390,14 @@ class EngineClient:
             params, max_tokens=min(params.max_tokens, room), grammar=prepared.grammar,
             grammar_triggers=job.grammar_triggers if prepared.grammar else ())
         request_id = new_request_id()
-        generate = GenerateRequest(request_id, prompt, params, int(priority), tenant)
+        images = tuple(PromptImage(pos, n_tokens, digest, image.data) for (pos, n_tokens, digest),
+                       image in zip(prepared.images, job.images, strict=True))
+        generate = GenerateRequest(request_id, prompt, params, int(priority), tenant, images)
         tracked = self._scheduler.submit(model.model_id, generate, priority, tenant,
                                          received)
-        log.debug("request %s: %d prompt tokens, max_tokens %d, n %d, priority %s%s",
-                  request_id, len(prompt), params.max_tokens, n, priority.name.lower(),
-                  ", constrained" if prepared.grammar else "")
+        log.debug("request %s: %d prompt tokens (%d images), max_tokens %d, n %d, priority %s%s",
+                  request_id, len(prompt), len(images), params.max_tokens, n,
+                  priority.name.lower(), ", constrained" if prepared.grammar else "")
         return Generation(tracked)
 
     def abort(self, request_id: str) -> None:

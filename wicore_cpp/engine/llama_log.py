@@ -47,6 +47,12 @@ class LlamaLog:
         self._callback = lc.llama_log_callback(self._on_log)
         lc.llama_log_set(self._callback, ctypes.c_void_p(0))
 
+    @property
+    def callback(self):
+        """The ctypes callback itself, for other llama.cpp libraries' hooks (libmtmd's): it
+        lives as long as the process, like this object."""
+        return self._callback
+
     def _on_log(self, level: int, text: bytes | None, _user: ctypes.c_void_p) -> None:
         try:
             decoded = (text or b"").decode("utf-8", errors="replace")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from wicore_cpp.config import DEFAULT_CTX_SIZE, Config
+from wicore_cpp.engine.images import check_projectors
 from wicore_cpp.engine.memory_plan import (
     HOST,
     PAD_CELLS,
@@ -305,6 +306,7 @@ def loads_for(config: Config, shapes: dict[str, ModelShape],
             raise ValueError(f"gpu_ids names GPU {gpu_id}, but llama.cpp sees {len(gpus)} "
                              f"({', '.join(gpus)})")
     loads = []
+    projectors = check_projectors(config)
     for model_id, shape in shapes.items():
         workers = []
         for i in range(config.workers):
@@ -314,7 +316,9 @@ def loads_for(config: Config, shapes: dict[str, ModelShape],
                 workers.append((gpus[config.gpu_ids[i % len(config.gpu_ids)]],))
             else:
                 workers.append(tuple(gpus))
-        loads.append(ModelLoad(model_id, shape, tuple(workers)))
+        projector = projectors.get(model_id)
+        loads.append(ModelLoad(model_id, shape, tuple(workers),
+                               projector.size_bytes if projector else 0))
     return tuple(loads)
 
 

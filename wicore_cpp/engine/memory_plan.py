@@ -16,6 +16,9 @@ Per device (the host's RAM, each GPU) a plan counts what llama.cpp will allocate
   own window of cells in the sliding-window layers);
 - compute buffers, as llama.cpp itself reports them for these settings (a `no_alloc` context,
   engine/memory_probe.py), and the host's logits buffer;
+- a vision projector's weights (mmproj), with the weights: each worker's libmtmd loads its own
+  copy (not mapped), on the first GPU the worker sees when its layers are offloaded, else on
+  the host (Gemma 3's is 0.8 GiB in F16);
 - the prompt cache's host tier, when `prompt_cache_host_mib` sets it (its default takes a share
   of the RAM still free once the worker has loaded, so it never crowds out the plan).
 
@@ -312,6 +315,7 @@ class ModelLoad:
     model_id: str
     shape: ModelShape
     worker_gpus: tuple[tuple[str, ...], ...]  # one entry per worker: pool names of its GPUs
+    projector_bytes: int = 0  # its vision projector's weights, loaded by every worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,6 +504,9 @@ def make_plan(
                 # Workers map the same file: its pages are in the page cache once. Their
                 # repacked copies, caches and buffers are their own.
                 use = {**use, HOST: replace(use[HOST], weights=0)}
+            if load.projector_bytes:
+                on_gpu = bool(gpus) and settings.layers_on_gpu(load.shape) > 0
+                use[gpus[0].name if on_gpu else HOST].weights += load.projector_bytes
             for name, u in use.items():
                 usage[name].add(u)
         on_gpu = settings.layers_on_gpu(load.shape) if load.worker_gpus[0] else 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import astuple, dataclass, field
 
+from wicore_cpp.engine.images import PromptImage
+
 # Finish reasons a worker reports. "stop" and "length" are OpenAI's; the others end a
 # sequence early and are mapped by the scheduler.
 FINISH_STOP = "stop"
@@ -56,7 +58,10 @@ class SamplingParams:
 
 @dataclass(slots=True)
 class GenerateRequest:
-    """Front end -> worker: start decoding this prompt."""
+    """Front end -> worker: start decoding this prompt.
+
+    Where the prompt holds images, their positions hold image tokens (negative ids, see
+    engine/images.py) and `images` carries each one's span and file, in prompt order."""
 
     request_id: str
     prompt_tokens: list[int]
@@ -65,6 +70,7 @@ class GenerateRequest:
     # Whose request it is (an API key's name; None without keys): with more sequences than
     # max_batch_size, the key running the most pauses first within a level (fair slots).
     tenant: str | None = None
+    images: tuple[PromptImage, ...] = ()
 
 
 @dataclass(slots=True)
@@ -89,6 +95,7 @@ class WorkerReady:
     n_gpu_layers: int
     load_seconds: float
     visible_devices: str | None  # CUDA_VISIBLE_DEVICES as the worker sees it
+    vision: str | None = None  # the projector it loaded and where ("CPU", "GPU"), if any
 
 
 @dataclass(slots=True)

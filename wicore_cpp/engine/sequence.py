@@ -27,7 +27,7 @@ class Sequence:
         "reservation",
         "n_cached", "last_token", "num_generated", "finish_reason", "error", "pending_choices",
         "_decoder", "_held", "_hold", "_out_text", "_out_tokens", "_out_logprobs",
-        "generated",
+        "generated", "images",
     )
 
     def __init__(self, request: GenerateRequest, slot: int, sampler, reservation: int,
@@ -36,6 +36,7 @@ class Sequence:
         self.index = index
         self.slot = slot
         self.prompt = request.prompt_tokens
+        self.images = request.images  # spans of the prompt decoded from image embeddings
         self.params = request.params
         self.priority = request.priority
         self.tenant = request.tenant
@@ -67,6 +68,21 @@ class Sequence:
     @property
     def is_prefilling(self) -> bool:
         return self.n_cached < len(self.prompt)
+
+    def image_at(self, pos: int):
+        """The prompt image whose positions include `pos`, or None."""
+        for image in self.images:
+            if image.pos <= pos < image.pos + image.n_tokens:
+                return image
+        return None
+
+    def text_end(self, pos: int) -> int:
+        """Where the prompt's text from `pos` on ends: the next image's first position, or the
+        prompt's end."""
+        for image in self.images:
+            if image.pos >= pos:
+                return image.pos
+        return len(self.prompt)
 
     def kv_tokens(self) -> list[int]:
         """The tokens its KV cells hold, position by position: the prompt, then each generated

@@ -34,6 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from wicore_cpp.engine.images import (
+    IMAGE_BEGIN,
+    IMAGE_END,
+    ImageInput,
+    decode_image,
+    image_tokens,
+)
 from wicore_cpp.errors import (
     InvalidRequest,
     RateLimited,
@@ -70,10 +77,22 @@ class PromptSize:
 
     num_messages: int
     num_bytes: int  # UTF-8 bytes of all the messages' text
+    num_images: int = 0
 
     @classmethod
-    def of(cls, messages: Sequence[dict[str, str]]) -> PromptSize:
-        return cls(len(messages), sum(len(m["content"].encode("utf-8")) for m in messages))
+    def of(cls, messages: Sequence[dict[str, Any]]) -> PromptSize:
+        num_bytes = num_images = 0
+        for m in messages:
+            content = m["content"]
+            if isinstance(content, str):
+                num_bytes += len(content.encode("utf-8"))
+                continue
+            for part in content:  # text and image parts (user messages with images)
+                if part["type"] == "text":
+                    num_bytes += len(part["text"].encode("utf-8"))
+                else:
+                    num_images += 1
+        return cls(len(messages), num_bytes, num_images)
 
     @classmethod
     def of_text(cls, text: str) -> PromptSize:
@@ -81,7 +100,10 @@ class PromptSize:
 
     @property
     def lane(self) -> Lane:
-        if self.num_messages <= SHORT_LANE_MAX_MESSAGES and self.num_bytes <= SHORT_LANE_MAX_BYTES:
+        # Decoding an image takes time in proportion to its pixels, which its file's size does
+        # not tell (a small PNG can be 25 megapixels of one colour): images go to the long lane.
+        if (self.num_messages <= SHORT_LANE_MAX_MESSAGES and self.num_bytes <= SHORT_LANE_MAX_BYTES
+                and not self.num_images):
             return Lane.SHORT
         return Lane.LONG
 
@@ -162,6 +184,39 @@ def _encode(state: _ChildState, messages: list[dict[str, str]]) -> list[int]:
     return state.model.tokenize(text, add_special=add_special, parse_special=True)
 
 
+def _encode_with_images(state: _ChildState, messages: list[dict[str, Any]],
+                        digests: list[bytes], n_image_tokens: int,
+                        ) -> tuple[list[int], list[tuple[int, int, bytes]]]:
+    """The prompt of a conversation with images, laid out as libmtmd's `mtmd_tokenize` lays it
+    out (tests/test_images.py holds the two side by side): the text around each
+    `<start_of_image>` the template wrote is tokenized apart, and the image's positions follow
+    that token, closed by `<end_of_image>`. Returns the tokens and each image's
+    (position, token count, pixel hash)."""
+    text = state.template.render(messages)
+    pieces = text.split(IMAGE_BEGIN)
+    if len(pieces) - 1 != len(digests):
+        if len(pieces) == 1:
+            raise InvalidRequest("this model's chat template does not place images",
+                                 param="messages")
+        raise InvalidRequest(f"the messages' text contains {IMAGE_BEGIN!r}, which marks an "
+                             f"image for this model; remove it from the text", param="messages")
+    model = state.model
+    bos = model.info.bos_token
+    add_special = not (bos and text.startswith(bos))
+    begin = model.tokenize(IMAGE_BEGIN, add_special=False, parse_special=True)
+    end = model.tokenize(IMAGE_END, add_special=False, parse_special=True)
+    tokens = model.tokenize(pieces[0], add_special=add_special, parse_special=True)
+    spans = []
+    for digest, piece in zip(digests, pieces[1:], strict=True):
+        tokens += begin
+        spans.append((len(tokens), n_image_tokens, digest))
+        tokens += image_tokens(digest, n_image_tokens)
+        tokens += end
+        if piece:
+            tokens += model.tokenize(piece, add_special=False, parse_special=True)
+    return tokens, spans
+
+
 @dataclass(slots=True, frozen=True)
 class PromptJob:
     """What the helper prepares for one request: exactly one of `messages` (chat turns for
@@ -175,6 +230,11 @@ class PromptJob:
     schema_param: str = "response_format"
     grammar_triggers: tuple[str, ...] = ()
     token_params: tuple[tuple[int, str], ...] = ()  # ids to check are in the vocabulary
+    # The images of `messages` (their `{"type": "image"}` parts, in order): each is decoded
+    # and checked (at most `max_pixels`) and takes `image_tokens` positions.
+    images: tuple[ImageInput, ...] = ()
+    image_tokens: int = 0
+    max_pixels: int = 0
 
     @property
     def size(self) -> PromptSize:
@@ -190,6 +250,8 @@ class PromptJob:
 class PreparedPrompt:
     tokens: list[int]
     grammar: str | None  # GBNF that llama.cpp has compiled once
+    # Each image's (position, token count, pixel hash), in the order of the job's images.
+    images: tuple[tuple[int, int, bytes], ...] = ()
 
 
 def _child_prepare(job: PromptJob) -> PreparedPrompt:
@@ -200,7 +262,13 @@ def _child_prepare(job: PromptJob) -> PreparedPrompt:
         if not 0 <= token < n_vocab:
             raise InvalidRequest(f"token id {token} is not in the vocabulary (0-{n_vocab - 1})",
                                  param=param)
-    if job.messages is not None:
+    spans: list[tuple[int, int, bytes]] = []
+    if job.images:
+        digests = [decode_image(image.data, image.param, job.max_pixels).digest
+                   for image in job.images]
+        tokens, spans = _encode_with_images(_child, job.messages or [], digests,
+                                            job.image_tokens)
+    elif job.messages is not None:
         tokens = _encode(_child, job.messages)
     elif job.text is not None:
         tokens = model.tokenize(job.text, add_special=True, parse_special=True)
@@ -213,7 +281,7 @@ def _child_prepare(job: PromptJob) -> PreparedPrompt:
     grammar = None
     if job.schema is not None:
         grammar = _compile_grammar(job.schema, job.schema_param, job.grammar_triggers)
-    return PreparedPrompt(tokens, grammar)
+    return PreparedPrompt(tokens, grammar, tuple(spans))
 
 
 def _compile_grammar(schema: Any, param: str, triggers: tuple[str, ...]) -> str:

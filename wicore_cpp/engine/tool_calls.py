@@ -145,7 +145,7 @@ def render_conversation(messages: list[dict[str, Any]],
             else:
                 turns.append(["user", _tool_output(name, content), True])
         elif role == "user" and after_results:
-            turns[-1][1] += "\n\n" + content
+            turns[-1][1] = _joined(turns[-1][1], content)
             turns[-1][2] = False
         elif role == "assistant" and m.get("tool_calls"):
             for call in m["tool_calls"]:
@@ -161,6 +161,19 @@ def render_conversation(messages: list[dict[str, Any]],
         else:
             turns.insert(0, ["system", block, False])
     return [{"role": role, "content": content} for role, content, _ in turns]
+
+
+def _joined(first: str | list, second: str | list) -> str | list:
+    """Two turns' contents as one, a blank line between; a list of parts (a message with
+    images) where either is one."""
+    if isinstance(first, str) and isinstance(second, str):
+        return f"{first}\n\n{second}"
+    parts = ([{"type": "text", "text": first}] if isinstance(first, str) else list(first))
+    rest = [{"type": "text", "text": second}] if isinstance(second, str) else list(second)
+    if parts and rest and parts[-1]["type"] == rest[0]["type"] == "text":
+        parts[-1] = {"type": "text", "text": f"{parts[-1]['text']}\n\n{rest[0]['text']}"}
+        rest = rest[1:]
+    return parts + rest
 
 
 def _tool_output(name: str, content: str) -> str:

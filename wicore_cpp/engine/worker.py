@@ -41,6 +41,7 @@ class WorkerSpec:
     n_ctx: int
     config: Config
     gpu_id: int | None
+    mmproj_path: Path | None = None  # the model's vision projector, when it takes images
 
 
 def worker_main(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> None:
@@ -81,6 +82,13 @@ def run_worker(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> 
             flash_attn=config.flash_attn,
             kv_cache_type=config.kv_cache_type,
         )
+        vision = None
+        if spec.mmproj_path is not None:
+            from wicore_cpp.engine.vision import VisionEncoder
+
+            # On the GPU when the model's layers are (libmtmd offloads all of it or nothing).
+            vision = VisionEncoder(spec.mmproj_path, model, use_gpu=offload and n_gpu_layers > 0,
+                                   threads=threads, flash_attn=config.flash_attn)
     except BackendError as exc:
         evt_conn.send(WorkerFailed(spec.worker_id, str(exc)))
         return
@@ -94,7 +102,9 @@ def run_worker(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> 
     evt_conn.send(
         WorkerReady(spec.worker_id, ctx.n_ctx, offload,
                     min(n_gpu_layers, model.info.n_layer), load_s,
-                    os.environ.get("CUDA_VISIBLE_DEVICES"))
+                    os.environ.get("CUDA_VISIBLE_DEVICES"),
+                    None if vision is None else
+                    f"{vision.path.name} on the {'GPU' if vision.use_gpu else 'CPU'}")
     )
     batcher = ContinuousBatcher(
         model, ctx, max_batch_size=config.max_batch_size, sample_threads=threads,
@@ -102,6 +112,7 @@ def run_worker(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> 
         max_running=config.max_running,
         cache_cells=int(config.prompt_cache_share * ctx.n_ctx),
         cache_host_bytes=resolve_host_cache_bytes(config),
+        vision=vision,
     )
     if batcher.cache.is_enabled:
         log.info("prompt cache: up to %d cells, %d extra seq ids, sliding window %d, "
@@ -125,6 +136,8 @@ def run_worker(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> 
         cache_report = batcher.cache.take_report()
         if updates or cache_report is not None:
             evt_conn.send(StepOutput(spec.worker_id, updates, cache_report))
+    if vision is not None:
+        vision.close()
     ctx.close()
     model.close()
     log.info("worker %d stopped", spec.worker_id)

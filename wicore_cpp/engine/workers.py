@@ -43,6 +43,7 @@ class ModelFiles:
 
     path: Path
     n_ctx: int  # the KV pool of one worker, in tokens
+    mmproj_path: Path | None = None  # its vision projector, when it takes images
 
 
 class WorkerHandle:
@@ -295,7 +296,8 @@ class WorkerProcesses:
         self._next_worker_id += 1
         files = self.models[model_id]
         handle = self._launcher.spawn(
-            WorkerSpec(worker_id, model_id, files.path, files.n_ctx, self.config, gpu_id))
+            WorkerSpec(worker_id, model_id, files.path, files.n_ctx, self.config, gpu_id,
+                       files.mmproj_path))
         self._workers[model_id].append(handle)
         threading.Thread(
             target=self._read, args=(handle,), name=f"wicore-reader-{worker_id}", daemon=True
@@ -329,8 +331,9 @@ class WorkerProcesses:
             worker.visible_devices = msg.visible_devices
             worker.n_ctx = msg.n_ctx
             self._load_failures[worker.model_id] = 0
-            log.info("worker %d ready in %.1fs: %s; KV pool %d cells", msg.worker_id,
-                     msg.load_seconds, _where_it_runs(msg), msg.n_ctx)
+            log.info("worker %d ready in %.1fs: %s; KV pool %d cells%s", msg.worker_id,
+                     msg.load_seconds, _where_it_runs(msg), msg.n_ctx,
+                     f"; images: {msg.vision}" if msg.vision else "")
             self._listener.on_worker_ready(worker)
         elif isinstance(msg, WorkerFailed):
             log.error("worker %d could not load %s: %s", msg.worker_id,

@@ -20,12 +20,14 @@ from wicore_cpp.engine.client import (
     ToolSpec,
     call_triggers,
 )
+from wicore_cpp.errors import InvalidRequest
 from wicore_cpp.http.chat_protocol import (
     ChatCompletionRequest,
     chat_choice,
     chat_completion,
     parse_chat_request,
 )
+from wicore_cpp.http.images import load_images
 from wicore_cpp.http.lifecycle import (
     PRIORITY_HEADER,
     event_stream,
@@ -52,13 +54,22 @@ routes = web.RouteTableDef()
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """OpenAI chat completions: the whole completion as JSON, or a stream of SSE chunks."""
     chat = parse_chat_request(await request.read())
-    max_tokens = chat.requested_max_tokens(request.app[STATE].config.default_max_tokens)
+    state = request.app[STATE]
+    max_tokens = chat.requested_max_tokens(state.config.default_max_tokens)
     tools = chat.tool_spec()
+    images = []
+    if refs := chat.image_refs():
+        if not state.engine.model(chat.model).takes_images:  # refused before any fetch
+            raise InvalidRequest(f"the model {chat.model or state.engine.default_model_id!r} "
+                                 "does not take images: no vision projector (mmproj) is loaded "
+                                 "for it", param=refs[0].param)
+        images = await load_images(refs, state.config)
 
     def submit(engine, priority, tenant):
         return engine.generate(chat.model, chat.engine_messages(),
                                chat.to_sampling_params(max_tokens), priority,
-                               tools=tools, response_format=chat.output_format(), tenant=tenant)
+                               tools=tools, response_format=chat.output_format(), tenant=tenant,
+                               images=images)
 
     # Streamed calls go out as they are written wherever a grammar holds the text to a call
     # (see ToolCallParser): not where a JSON answer is the alternative to calls, and not with

@@ -3,6 +3,7 @@ results, tools, tool_choice, response_format, logprobs) and the JSON response.""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -45,18 +46,52 @@ CHAT_REFUSED: dict[str, Refusal] = {
 }
 
 
-class TextPart(BaseModel):
+class ImageURL(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
-    type: str = Field(json_schema_extra={"enum": ["text"]})
-    text: str
+    url: str = Field(description="A data: URL (PNG, JPEG, WebP or GIF, base64), or an http(s) "
+                     "URL on a host the server allows (image_url_hosts).")
+    detail: str | None = Field(None, json_schema_extra={"enum": ["auto", "high"]})
+
+    @field_validator("detail")
+    @classmethod
+    def _check_detail(cls, value: str | None) -> str | None:
+        if value not in (None, "auto", "high"):
+            raise ValueError(f"{excerpt(value)} is not available: Gemma 3 sees every image at "
+                             "its one input size (256 tokens); use 'auto' or 'high'")
+        return value
+
+
+class ContentPart(BaseModel):
+    """A text part, or (in a user message) an image part."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: str = Field(json_schema_extra={"enum": ["text", "image_url"]})
+    text: str | None = None
+    image_url: ImageURL | None = None
 
     @field_validator("type")
     @classmethod
-    def _only_text(cls, value: str) -> str:
-        if value != "text":
-            raise ValueError(
-                f"content parts of type {excerpt(value)} are not supported; only 'text'")
+    def _known_type(cls, value: str) -> str:
+        if value not in ("text", "image_url"):
+            raise ValueError(f"content parts of type {excerpt(value)} are not supported; only "
+                             "'text' and 'image_url'")
         return value
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> ContentPart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text part needs 'text'")
+        if self.type == "image_url" and self.image_url is None:
+            raise ValueError("an image_url part needs 'image_url': {\"url\": ...}")
+        return self
+
+
+@dataclass(slots=True, frozen=True)
+class ImageRef:
+    """An image part as the edge fetches it: its URL and where it was in the request."""
+
+    param: str  # messages[i].content[j].image_url
+    url: str
 
 
 class FunctionCallIn(BaseModel):
@@ -80,7 +115,7 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
     # Text parts are tried first so that a bad part's own message reaches the client. After
     # the fields it depends on, and checked when absent too.
-    content: Annotated[list[TextPart], Field(min_length=1)] | str | None = Field(
+    content: Annotated[list[ContentPart], Field(min_length=1)] | str | None = Field(
         None, validate_default=True)
 
     @field_validator("content")
@@ -88,8 +123,11 @@ class ChatMessage(BaseModel):
     def _content_or_calls(cls, value, info: ValidationInfo):
         if value is None and not (info.data.get("role") == "assistant"
                                   and info.data.get("tool_calls")):
-            raise ValueError("a string or a non-empty array of text parts is required "
+            raise ValueError("a string or a non-empty array of content parts is required "
                              "(null only for an assistant message with tool_calls)")
+        if isinstance(value, list) and info.data.get("role") != "user" \
+                and any(part.type == "image_url" for part in value):
+            raise ValueError("image_url parts are taken in user messages only")
         return value
 
     @model_validator(mode="after")
@@ -103,7 +141,25 @@ class ChatMessage(BaseModel):
     def text(self) -> str | None:
         if self.content is None or isinstance(self.content, str):
             return self.content
-        return "\n".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content if part.type == "text")
+
+    @property
+    def has_images(self) -> bool:
+        return isinstance(self.content, list) and any(p.type == "image_url"
+                                                      for p in self.content)
+
+    def parts(self) -> list[dict[str, str]]:
+        """Content with images as the engine takes it: text parts (neighbours joined by a
+        newline, as a message without images joins them) and `{"type": "image"}` parts."""
+        out: list[dict[str, str]] = []
+        for part in self.content or []:
+            if part.type == "image_url":
+                out.append({"type": "image"})
+            elif out and out[-1]["type"] == "text":
+                out[-1]["text"] += "\n" + part.text
+            else:
+                out.append({"type": "text", "text": part.text})
+        return out
 
 
 class FunctionDef(BaseModel):
@@ -184,12 +240,19 @@ class ChatCompletionRequest(SamplingFields):
     def requested_max_tokens(self, default: int) -> int:
         return self.max_completion_tokens or self.max_tokens or default
 
+    def image_refs(self) -> list[ImageRef]:
+        """Every image part, in order, with the parameter that names it."""
+        return [ImageRef(f"messages[{i}].content[{j}].image_url", part.image_url.url)
+                for i, m in enumerate(self.messages) if m.has_images
+                for j, part in enumerate(m.content) if part.type == "image_url"]
+
     def engine_messages(self) -> list[dict[str, Any]]:
-        """Messages for the engine (`developer` is OpenAI's new `system`)."""
+        """Messages for the engine (`developer` is OpenAI's new `system`); a user message with
+        images keeps its parts (see ChatMessage.parts), their images in `image_refs` order."""
         out = []
         for m in self.messages:
             msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
-                                   "content": m.text()}
+                                   "content": m.parts() if m.has_images else m.text()}
             if m.tool_calls:
                 msg["tool_calls"] = [{"id": c.id, "name": c.function.name,
                                       "arguments": c.function.arguments} for c in m.tool_calls]

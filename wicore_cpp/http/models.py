@@ -31,7 +31,9 @@ async def get_model(request: web.Request) -> web.Response:
 
 def _model_card(model: ServedModel) -> dict:
     """OpenAI's model object, plus what a client needs to plan requests: the longest
-    sequence (prompt + completion), what the server supports, and the largest `n`."""
+    sequence (prompt + completion), what the server supports (`vision`: it takes images), the
+    largest `n`, and the prompt tokens one image takes (0: it takes no images)."""
     return {"id": model.model_id, "object": "model", "created": model.created,
             "owned_by": "wicore", "context_length": model.context_length,
-            "capabilities": list(model.capabilities), "max_choices": model.max_choices}
+            "capabilities": list(model.capabilities), "max_choices": model.max_choices,
+            "image_tokens": model.image_tokens}

@@ -186,7 +186,7 @@ def _param_name(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "int", "none", "list[TextPart]", "list[str]", "list[int]",
+        elif part in ("str", "int", "none", "list[ContentPart]", "list[str]", "list[int]",
                       "StreamOptions", "NamedToolChoice", "function-after", "function-before") \
                 or "[" in str(part) or str(part).startswith(("literal", "function-")):
             continue

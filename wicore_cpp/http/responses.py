@@ -143,6 +143,8 @@ class ModelCard(_Response):
     context_length: int | None = Field(None, description="longest prompt + completion")
     capabilities: list[str] | None = None
     max_choices: int | None = Field(None, description="the most `n` a request may ask")
+    image_tokens: int | None = Field(
+        None, description="prompt tokens one image takes; 0: the model takes no images")
 
 
 class ModelList(_Response):
