@@ -1,4 +1,5 @@
-"""Load benchmark for OpenAI-compatible streaming chat servers (WiCore, llama-cpp-python).
+"""Load benchmark for OpenAI-compatible streaming chat servers (WiCore, llama.cpp's
+llama-server, llama-cpp-python).
 
 Subcommands:
 
@@ -14,10 +15,11 @@ Subcommands:
   fairness  time to first token of a key sending one request a second, alone and while
             another key floods the queue with 40 requests at once (WiCore with API keys:
             `--api-keys` with the two keys given to this command).
-  compare   starts WiCore, then llama-cpp-python's own server, on the same GGUF with the
-            same threads (one at a time, never both), runs concurrency 1 and 16 on each and
-            the priority test on WiCore, prints a Markdown table and the ratios, and writes
-            bench-results/latest.json.
+  compare   runs llama.cpp's own `llama-bench` and `llama-batched-bench` (the ceiling), then
+            starts WiCore, llama.cpp's `llama-server` and llama-cpp-python's server on the
+            same GGUF with the same threads (one at a time, never two), runs concurrency 1
+            and 16 on each and the priority test on WiCore, prints a Markdown table, the
+            ratios and the targets, and writes bench-results/latest.json.
 
 Tokens are counted as streamed content chunks, the same way for every server (a chunk
 that carries several tokens, e.g. a held-back partial UTF-8 character, counts once, so the
@@ -63,8 +65,16 @@ PROMPTS: tuple[str, ...] = (
 BASE_SEED = 1234
 WARMUP_MAX_TOKENS = 4
 
-# Targets from the issue: WiCore / llama-cpp-python aggregate tokens/s at each concurrency.
-TARGETS: dict[int, float] = {1: 1.0, 16: 4.0}
+# Targets: WiCore / a peer server's aggregate tokens/s at each concurrency. llama.cpp's own
+# llama-server is the primary peer (issue 12); llama-cpp-python's server the second (issue 2).
+TARGETS: dict[str, dict[int, float]] = {
+    "llama-server": {1: 1.0, 16: 1.2},
+    "llama-cpp-python": {1: 1.0, 16: 4.0},
+}
+# WiCore against raw llama.cpp on the same model and threads (issue 12): one stream's tokens/s
+# against `llama-bench`'s tg, 16 streams' decode-phase rate against `llama-batched-bench`'s
+# decode rate at B=16.
+CEILING_TARGETS: dict[int, float] = {1: 0.90, 16: 0.85}
 
 
 def emit(line: str = "") -> None:
@@ -338,6 +348,7 @@ class RunConfig:
     deadline_s: float = 1800.0
     include_usage: bool = True
     warmup: bool = True
+    keep_alive: bool = True  # False: a connection per request (see _session)
 
 
 def summarize(results: Sequence[RequestResult], cfg: RunConfig, wall_s: float) -> dict[str, Any]:
@@ -364,6 +375,7 @@ def summarize(results: Sequence[RequestResult], cfg: RunConfig, wall_s: float) -
         "ttft_p95": percentile(ttfts, 95),
         "itl_p50": percentile(gaps, 50),
         "itl_p95": percentile(gaps, 95),
+        "decode_tok_s": decode_rate(gaps, cfg.concurrency),
         "errors": len(errors),
         "error_samples": sorted(set(errors))[:5],
         "finish_reasons": _count(r.finish_reason for r in ok),
@@ -376,6 +388,17 @@ def summarize(results: Sequence[RequestResult], cfg: RunConfig, wall_s: float) -
             for r in results
         ],
     }
+
+
+def decode_rate(gaps: Sequence[float], concurrency: int) -> float | None:
+    """Tokens/s of the decode phase: `concurrency` streams, each getting a token every mean
+    inter-token gap. First tokens (prefill, queueing) are left out, as `llama-batched-bench`'s
+    decode rate leaves out its prompt phase; steps that also prefill a newcomer's prompt are in,
+    as they are in any server's stream."""
+    if not gaps:
+        return None
+    mean = sum(gaps) / len(gaps)
+    return concurrency / mean if mean > 0 else None
 
 
 def _count(items: Any) -> dict[str, int]:
@@ -396,7 +419,7 @@ def _session(connections: int = 0, keep_alive: bool = True) -> aiohttp.ClientSes
 
 async def run_load(cfg: RunConfig) -> dict[str, Any]:
     """`concurrency` workers share `requests` streaming requests; returns summarize()."""
-    async with _session() as session:
+    async with _session(keep_alive=cfg.keep_alive) as session:
         if cfg.warmup:
             body = chat_body(cfg.model, -1, WARMUP_MAX_TOKENS, cfg.prompt, cfg.priority, False)
             warm = await stream_request(session, cfg.url, body, -1, cfg.timeout_s, 0.0)
@@ -948,41 +971,56 @@ LLAMA_SERVER_CMAKE_ARGS = (
 )
 
 
+# What the benchmark builds from llama.cpp: the peer server and llama.cpp's own benchmarks,
+# whose figures are the ceiling (`llama-bench`: one sequence; `llama-batched-bench`: B at once).
+LLAMA_CPP_TARGETS = ("llama-server", "llama-bench", "llama-batched-bench")
+
+
 class LlamaServerBuild:
-    """llama.cpp's own `llama-server`, built for the CPU from the `vendor/llama.cpp` tree of
-    the pinned llama-cpp-python source distribution, so it runs the very llama.cpp WiCore
-    does. Built once under `root` (about 8 minutes on 2 cores); later runs reuse the binary
-    while the pin and the build options are the same. Nothing built here is committed.
+    """llama.cpp's own `llama-server`, `llama-bench` and `llama-batched-bench`, built for the
+    CPU from the `vendor/llama.cpp` tree of the pinned llama-cpp-python source distribution, so
+    they run the very llama.cpp WiCore does. Built once under `root` (about 8 minutes on 2
+    cores); later runs reuse the binaries while the pin, the build options and the targets are
+    the same (a changed recipe rebuilds incrementally in the same tree). Nothing built here is
+    committed.
     """
 
     def __init__(self, root: Path = Path("build/llama-server"), jobs: int = 0) -> None:
         self.root = root
         self.jobs = jobs or os.cpu_count() or 1
-        self.binary = root / "build" / "bin" / "llama-server"
+        self.binary = self.tool("llama-server")
         self._stamp = root / "built-from"
+
+    def tool(self, name: str) -> Path:
+        """Where the build puts one of LLAMA_CPP_TARGETS."""
+        return self.root / "build" / "bin" / name
 
     @property
     def recipe(self) -> str:
-        return " ".join((LLAMA_CPP_PYTHON_PIN, *LLAMA_SERVER_CMAKE_ARGS))
+        return " ".join((LLAMA_CPP_PYTHON_PIN, *LLAMA_SERVER_CMAKE_ARGS,
+                         "--target", *LLAMA_CPP_TARGETS))
 
     def is_built(self) -> bool:
-        return self.binary.is_file() and self._stamp.is_file() \
-            and self._stamp.read_text().strip() == self.recipe
+        return all(self.tool(t).is_file() for t in LLAMA_CPP_TARGETS) \
+            and self._stamp.is_file() and self._stamp.read_text().strip() == self.recipe
 
     def ensure(self) -> Path:
-        """The llama-server binary, built first if this recipe has not been built yet."""
+        """The llama-server binary (its siblings beside it), built first if this recipe has
+        not been built yet."""
         if self.is_built():
             return self.binary
         self.root.mkdir(parents=True, exist_ok=True)
         source = self._source()
         build = self.root / "build"
-        log.info("building llama-server from %s (once; about 8 minutes on 2 cores)", source)
+        log.info("building %s from %s (once; about 8 minutes on 2 cores)",
+                 ", ".join(LLAMA_CPP_TARGETS), source)
         started = time.monotonic()
         self._run(["cmake", "-S", str(source), "-B", str(build), *LLAMA_SERVER_CMAKE_ARGS])
         self._run(["cmake", "--build", str(build), "-j", str(self.jobs), "--target",
-                   "llama-server"])
+                   *LLAMA_CPP_TARGETS])
         self._stamp.write_text(self.recipe + "\n")
-        log.info("llama-server built in %.0f s: %s", time.monotonic() - started, self.binary)
+        log.info("llama.cpp tools built in %.0f s: %s", time.monotonic() - started,
+                 self.binary.parent)
         return self.binary
 
     def _source(self) -> Path:
@@ -1027,6 +1065,87 @@ def llama_server(
         "--ctx-size", str(n_ctx), "--parallel", str(parallel), "--kv-unified", *extra,
     ]
     return ServerProcess("llama-server", cmd, "/health", port, log_dir / f"{log_name}.log")
+
+
+# --------------------------------------------------------------------------- raw llama.cpp
+
+
+def _json_lines(text: str) -> list[dict[str, Any]]:
+    """The JSON objects of a tool's output, one a line; log lines around them are skipped."""
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
+
+
+def parse_llama_bench(text: str) -> float | None:
+    """Generation tokens/s (`tg`) from `llama-bench -o jsonl` output: the mean over its
+    repetitions (`avg_ts`) of the test that generates without a prompt."""
+    for row in _json_lines(text):
+        if row.get("n_gen", 0) > 0 and row.get("n_prompt", 0) == 0 and "avg_ts" in row:
+            return float(row["avg_ts"])
+    return None
+
+
+def parse_batched_bench(text: str) -> dict[int, dict[str, float]]:
+    """Per batch size B (`pl`), from `llama-batched-bench --output-format jsonl`: the decode
+    rate (`speed_tg`: B x tg tokens over the decode phase), the prompt rate and the whole."""
+    out: dict[int, dict[str, float]] = {}
+    for row in _json_lines(text):
+        if "pl" in row and "speed_tg" in row:
+            out[int(row["pl"])] = {
+                "speed_tg": float(row["speed_tg"]), "speed_pp": float(row["speed_pp"]),
+                "speed": float(row["speed"]), "t_tg": float(row["t_tg"]),
+            }
+    return out
+
+
+def llama_bench_cmd(binary: Path, model: str, threads: int, n_gen: int,
+                    repetitions: int = 3) -> list[str]:
+    return [str(binary), "-m", model, "-t", str(threads), "-p", "0", "-n", str(n_gen),
+            "-r", str(repetitions), "-o", "jsonl"]
+
+
+def batched_bench_cmd(binary: Path, model: str, threads: int, n_gen: int, n_prompt: int,
+                      batch_sizes: Sequence[int], n_ctx: int) -> list[str]:
+    """B sequences of n_prompt + n_gen tokens in one unified KV pool, as the servers run."""
+    return [str(binary), "-m", model, "-t", str(threads), "-tb", str(threads),
+            "-c", str(n_ctx), "-npp", str(n_prompt), "-ntg", str(n_gen),
+            "-npl", ",".join(str(b) for b in batch_sizes), "-kvu", "--output-format", "jsonl"]
+
+
+def run_tool(cmd: list[str], log_path: Path, timeout_s: float) -> str:
+    """Run one llama.cpp tool to completion; its output (also written to `log_path`)."""
+    log.info("running %s", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                          stdin=subprocess.DEVNULL, check=False)
+    text = proc.stdout + "\n" + proc.stderr
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text(text)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{Path(cmd[0]).name} failed ({proc.returncode}); see {log_path}")
+    return text
+
+
+def raw_ceilings(build: LlamaServerBuild, model: str, threads: int, n_gen: int,
+                 n_ctx: int, log_dir: Path, timeout_s: float = 600.0) -> dict[str, Any]:
+    """llama.cpp's own figures on this model and threads: `llama-bench` tg (one sequence) and
+    `llama-batched-bench` at B = 1 and 16 (the decode rate of 16 sequences at once)."""
+    tg = parse_llama_bench(run_tool(
+        llama_bench_cmd(build.tool("llama-bench"), model, threads, n_gen),
+        log_dir / "llama-bench.log", timeout_s))
+    batched = parse_batched_bench(run_tool(
+        batched_bench_cmd(build.tool("llama-batched-bench"), model, threads, n_gen, 32,
+                          (1, 16), n_ctx),
+        log_dir / "llama-batched-bench.log", timeout_s))
+    return {"llama_bench_tg": tg, "batched": {str(b): v for b, v in batched.items()},
+            "batched_tg_1": batched.get(1, {}).get("speed_tg"),
+            "batched_tg_16": batched.get(16, {}).get("speed_tg")}
 
 
 # --------------------------------------------------------------------------- compare
@@ -1083,20 +1202,51 @@ def median_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def ratios(runs: Sequence[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """WiCore / llama-cpp-python tokens/s per concurrency, with PASS/MISS against TARGETS."""
+def ratios(runs: Sequence[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
+    """WiCore / each peer's tokens/s per concurrency, with PASS/MISS against TARGETS:
+    {peer: {concurrency: {ratio, target, verdict}}}; peers that did not run are left out."""
     by = {(r["server"], r["concurrency"]): r for r in runs}
-    out: dict[int, dict[str, Any]] = {}
-    for conc in sorted({r["concurrency"] for r in runs}):
-        ours, theirs = by.get(("wicore", conc)), by.get(("llama-cpp-python", conc))
-        if not ours or not theirs or not theirs["tok_s"]:
-            continue
-        ratio = ours["tok_s"] / theirs["tok_s"]
-        target = TARGETS.get(conc)
-        clean = ours["errors"] == 0 and theirs["errors"] == 0
-        verdict = None if target is None else ("PASS" if ratio >= target and clean else "MISS")
-        out[conc] = {"ratio": ratio, "target": target, "verdict": verdict}
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for peer, targets in TARGETS.items():
+        for conc in sorted({r["concurrency"] for r in runs}):
+            ours, theirs = by.get(("wicore", conc)), by.get((peer, conc))
+            if not ours or not theirs or not theirs["tok_s"]:
+                continue
+            ratio = ours["tok_s"] / theirs["tok_s"]
+            target = targets.get(conc)
+            clean = ours["errors"] == 0 and theirs["errors"] == 0
+            verdict = None if target is None else (
+                "PASS" if ratio >= target and clean else "MISS")
+            out.setdefault(peer, {})[conc] = {"ratio": ratio, "target": target,
+                                              "verdict": verdict}
     return out
+
+
+def ceiling_checks(runs: Sequence[dict[str, Any]],
+                   ceilings: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """WiCore against raw llama.cpp (CEILING_TARGETS) and its 16-stream TTFT p50 against
+    llama-server's: one {name, value, bound, verdict} per check that has both figures."""
+    by = {(r["server"], r["concurrency"]): r for r in runs}
+    checks: list[dict[str, Any]] = []
+    one, sixteen = by.get(("wicore", 1)), by.get(("wicore", 16))
+    if ceilings and one and ceilings.get("llama_bench_tg"):
+        ratio = one["tok_s"] / ceilings["llama_bench_tg"]
+        checks.append({"name": "1 stream tok/s / llama-bench tg", "value": ratio,
+                       "bound": CEILING_TARGETS[1], "higher_is_better": True})
+    if ceilings and sixteen and ceilings.get("batched_tg_16") and sixteen.get("decode_tok_s"):
+        ratio = sixteen["decode_tok_s"] / ceilings["batched_tg_16"]
+        checks.append({"name": "16 streams decode tok/s / llama-batched-bench B=16 decode",
+                       "value": ratio, "bound": CEILING_TARGETS[16], "higher_is_better": True})
+    peer = by.get(("llama-server", 16))
+    if sixteen and peer and sixteen["ttft_p50"] is not None and peer["ttft_p50"]:
+        checks.append({"name": "16 streams TTFT p50 / llama-server's",
+                       "value": sixteen["ttft_p50"] / peer["ttft_p50"], "bound": 1.0,
+                       "higher_is_better": False})
+    for check in checks:
+        good = (check["value"] >= check["bound"] if check["higher_is_better"]
+                else check["value"] <= check["bound"])
+        check["verdict"] = "PASS" if good else "MISS"
+    return checks
 
 
 def report_lines(results: dict[str, Any]) -> list[str]:
@@ -1115,9 +1265,25 @@ def report_lines(results: dict[str, Any]) -> list[str]:
             each = ", ".join(f"{v:.1f}" for v in row["rounds_tok_s"])
             lines.append(f"  {row['server']} at concurrency {row['concurrency']}: {each}")
         lines.append("")
-    for conc, r in sorted(results["ratios"].items()):
-        target = f" (target >= {r['target']:g}x: {r['verdict']})" if r["target"] else ""
-        lines.append(f"WiCore / llama-cpp-python at concurrency {conc}: {r['ratio']:.2f}x{target}")
+    ceilings = results.get("ceilings")
+    if ceilings:
+        lines.append(
+            f"raw llama.cpp: llama-bench tg {_fmt(ceilings.get('llama_bench_tg'), digits=1)} "
+            f"tok/s; llama-batched-bench decode at B=1 "
+            f"{_fmt(ceilings.get('batched_tg_1'), digits=1)}, at B=16 "
+            f"{_fmt(ceilings.get('batched_tg_16'), digits=1)} tok/s")
+    for row in results["table"]:
+        if row.get("decode_tok_s") and row["concurrency"] > 1:
+            lines.append(f"{row['server']} at concurrency {row['concurrency']}: decode phase "
+                         f"{row['decode_tok_s']:.1f} tok/s (concurrency / mean ITL)")
+    for peer, per_conc in results["ratios"].items():
+        for conc, r in sorted(per_conc.items()):
+            target = f" (target >= {r['target']:g}x: {r['verdict']})" if r["target"] else ""
+            lines.append(f"WiCore / {peer} at concurrency {conc}: {r['ratio']:.2f}x{target}")
+    for check in results.get("checks", ()):
+        sign = ">=" if check["higher_is_better"] else "<="
+        lines.append(f"{check['name']}: {check['value']:.2f} (target {sign} "
+                     f"{check['bound']:g}: {check['verdict']})")
     by = {(r["server"], r["concurrency"]): r for r in results["table"]}
     for conc in sorted({c for s, c in by if s == "wicore-ray"}):
         local, on_ray = by.get(("wicore", conc)), by[("wicore-ray", conc)]
@@ -1151,7 +1317,8 @@ async def compare(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {
         "model": model, "threads": threads, "max_tokens": args.max_tokens,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": [], "priority": None,
-        "rounds": args.rounds, "table": [], "ratios": {}, "failures": [],
+        "rounds": args.rounds, "table": [], "ratios": {}, "checks": [], "failures": [],
+        "ceilings": None,
     }
     results["loadavg_start"] = _loadavg()
     if results["loadavg_start"] is not None and results["loadavg_start"] > 0.5:
@@ -1164,7 +1331,8 @@ async def compare(args: argparse.Namespace) -> int:
     factories: dict[str, Callable[[int], ServerProcess]] = {}
     if "wicore" in args.servers.split(","):
         factories["wicore"] = lambda n: wicore_server(
-            model, threads, out_dir, args.wicore_arg, f"wicore-r{n}"
+            model, threads, out_dir, ["--ctx-size", str(args.server_ctx), *args.wicore_arg],
+            f"wicore-r{n}"
         )
     if "wicore-ray" in args.servers.split(","):
         # The same server with its worker as a Ray actor on a local Ray instance: what the
@@ -1173,10 +1341,27 @@ async def compare(args: argparse.Namespace) -> int:
             model, threads, out_dir, [*args.wicore_arg, "--ray-address", "local"],
             f"wicore-ray-r{n}", name="wicore-ray",
         )
-    if "llama" in args.servers:
+    servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    build = LlamaServerBuild(Path(args.build_dir))
+    if "llama-server" in servers or not args.skip_ceilings:
+        await asyncio.to_thread(build.ensure)
+    if "llama-server" in servers:
+        # As many slots as the busiest run's streams, one unified KV pool of the same size as
+        # WiCore's (--ctx-size below), the same threads.
+        factories["llama-server"] = lambda n: llama_server(
+            build.binary, model, threads, args.server_ctx, 16, out_dir,
+            args.llama_server_arg, f"llama-server-r{n}")
+    if "llama" in servers:
         factories["llama-cpp-python"] = lambda n: llama_cpp_server(
             model, threads, args.n_ctx, out_dir, args.llama_arg, f"llama-cpp-python-r{n}"
         )
+    if not args.skip_ceilings:
+        try:
+            results["ceilings"] = await asyncio.to_thread(
+                raw_ceilings, build, model, threads, args.max_tokens, args.server_ctx, out_dir)
+        except Exception as exc:  # noqa: BLE001 - the servers can still be compared
+            log.exception("raw llama.cpp figures failed")
+            results["failures"].append(f"raw llama.cpp: {exc}")
     # Rounds alternate the servers, so a burst of other load on the machine hits both
     # rather than one; the table reports each configuration's median round.
     for n in range(args.rounds):
@@ -1193,6 +1378,7 @@ async def compare(args: argparse.Namespace) -> int:
                     run = await run_load(RunConfig(
                         url=server.url, model="bench", concurrency=conc, requests=requests,
                         max_tokens=args.max_tokens, timeout_s=args.timeout,
+                        keep_alive=False,  # llama-server's own schedule; the same for all
                     ))
                     run["server"] = name
                     run["round"] = n + 1
@@ -1212,6 +1398,7 @@ async def compare(args: argparse.Namespace) -> int:
                 server.stop()
     results["table"] = median_runs(results["runs"])
     results["ratios"] = ratios(results["table"])
+    results["checks"] = ceiling_checks(results["table"], results["ceilings"])
     results["elapsed_s"] = time.monotonic() - began
     results["loadavg_end"] = _loadavg()
     for line in report_lines(results):
@@ -1224,7 +1411,10 @@ async def compare(args: argparse.Namespace) -> int:
         errors += results["priority"]["errors"]
     if results["failures"] or errors:
         return 1
-    if args.strict and any(r["verdict"] == "MISS" for r in results["ratios"].values()):
+    if args.strict and (
+            any(r["verdict"] == "MISS" for per in results["ratios"].values()
+                for r in per.values())
+            or any(c["verdict"] == "MISS" for c in results["checks"])):
         return 1
     return 0
 
@@ -1491,7 +1681,7 @@ def build_parser() -> argparse.ArgumentParser:
     fair.add_argument("--timeout", type=float, default=300.0)
     fair.add_argument("--json", metavar="OUT")
 
-    cmp_ = sub.add_parser("compare", help="WiCore vs llama-cpp-python's server, same model")
+    cmp_ = sub.add_parser("compare", help="WiCore vs llama-server and llama-cpp-python's server")
     cmp_.add_argument("--model", required=True, help="GGUF file")
     cmp_.add_argument("--threads", type=int, default=0, help="default: physical cores")
     cmp_.add_argument("--max-tokens", type=int, default=64)
@@ -1503,9 +1693,16 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--n-ctx", type=int, default=4096, help="llama-cpp-python's context")
     cmp_.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
     cmp_.add_argument("--start-timeout", type=float, default=300.0)
-    cmp_.add_argument("--servers", default="wicore,llama",
-                      help="comma list: wicore, llama (llama-cpp-python's server), wicore-ray "
-                      "(WiCore with its worker as a Ray actor; needs the `ray` extra)")
+    cmp_.add_argument("--servers", default="wicore,llama-server,llama",
+                      help="comma list: wicore, llama-server (llama.cpp's own, built from the "
+                      "pinned sdist), llama (llama-cpp-python's server), wicore-ray (WiCore "
+                      "with its worker as a Ray actor; needs the `ray` extra)")
+    cmp_.add_argument("--server-ctx", type=int, default=16384,
+                      help="KV pool of WiCore and llama-server (and llama-batched-bench)")
+    cmp_.add_argument("--build-dir", default="build/llama-server",
+                      help="where llama.cpp's tools are built (once) and kept")
+    cmp_.add_argument("--skip-ceilings", action="store_true",
+                      help="do not run llama-bench and llama-batched-bench")
     cmp_.add_argument("--skip-priority", action="store_true")
     cmp_.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     cmp_.add_argument("--out-dir", default="bench-results")
@@ -1513,6 +1710,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="extra argument for `wicore serve` (repeatable)")
     cmp_.add_argument("--llama-arg", action="append", default=[], metavar="ARG",
                       help="extra argument for llama_cpp.server (repeatable)")
+    cmp_.add_argument("--llama-server-arg", action="append", default=[], metavar="ARG",
+                      help="extra argument for llama-server (repeatable)")
 
     ht = sub.add_parser("host-tier", help="prefill vs save/restore of KV cells (no server)")
     ht.add_argument("--model", required=True, help="GGUF file")

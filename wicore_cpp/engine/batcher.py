@@ -126,7 +126,8 @@ class ContinuousBatcher:
                 for i in range(n):
                     samplers.append(Sampler(req.params, self.model, choice=i,
                                             prompt=req.prompt_tokens,
-                                            grammar_budget_s=self.grammar_budget_s))
+                                            grammar_budget_s=self.grammar_budget_s,
+                                            on_backend=self.ctx.backend_sampling))
             except GrammarError as exc:
                 log.warning("request %s: %s", req.request_id, exc)
                 for sampler in samplers:
@@ -136,6 +137,7 @@ class ContinuousBatcher:
             slot, n_cached = self.cache.place(req.request_id, req.prompt_tokens, need,
                                               self._reserved, req.params.cache_prompt)
             choice_slots = [self.cache.take_seq_id() for _ in range(n - 1)]
+            self.ctx.attach(slot, samplers[0])  # sampled in the decode graph when it can be
             seq = Sequence(req, slot, samplers[0], need)
             seq.n_cached = n_cached
             seq.pending_choices = list(zip(choice_slots, samplers[1:], strict=True))
@@ -243,22 +245,34 @@ class ContinuousBatcher:
             return -1
 
     def _sample(self, to_sample: list[tuple[Sequence, int]]) -> list[int]:
-        if self._pool is None or len(to_sample) < 2:
-            return [self._sample_one(seq, idx) for seq, idx in to_sample]
+        """One token per (sequence, batch index), in order. Sequences sampled on the backend
+        only read the token llama.cpp drew during the decode; the others sample here from
+        their logits row, in parallel chunks."""
+        tokens = [0] * len(to_sample)
+        on_host: list[int] = []
+        for i, (seq, idx) in enumerate(to_sample):
+            if seq.sampler.on_backend:
+                tokens[i] = self._sample_one(seq, idx)
+            else:
+                on_host.append(i)
+        if self._pool is None or len(on_host) < 2:
+            for i in on_host:
+                tokens[i] = self._sample_one(*to_sample[i])
+            return tokens
         # The first logits read may reorder llama.cpp's outputs: do it on this thread, so the
         # parallel samplers below only read.
-        self.ctx.logits_ready(to_sample[0][1])
-        n = min(self._num_chunks, len(to_sample))
-        chunks = [to_sample[i::n] for i in range(n)]
+        self.ctx.logits_ready(to_sample[on_host[0]][1])
+        n = min(self._num_chunks, len(on_host))
+        chunks = [on_host[i::n] for i in range(n)]
 
-        def run(chunk: list[tuple[Sequence, int]]) -> list[int]:
-            return [self._sample_one(seq, idx) for seq, idx in chunk]
+        def run(chunk: list[int]) -> None:
+            for i in chunk:
+                tokens[i] = self._sample_one(*to_sample[i])
 
         futures = [self._pool.submit(run, chunk) for chunk in chunks[1:]]
-        results = [run(chunks[0])] + [f.result() for f in futures]
-        tokens = [0] * len(to_sample)
-        for i, chunk_tokens in enumerate(results):
-            tokens[i::n] = chunk_tokens
+        run(chunks[0])
+        for future in futures:
+            future.result()
         return tokens
 
     def _on_decode_failure(self, rc: int, progress: list[tuple[Sequence, int]]) -> None:
@@ -290,6 +304,7 @@ class ContinuousBatcher:
     def _release(self, seq: Sequence, updates: list[SeqUpdate]) -> None:
         """Free a finished sequence's sampler and reservation; its slot and KV cells go back
         to the pool or stay in the prompt cache."""
+        self.ctx.detach(seq.slot)  # llama.cpp holds the chain until told otherwise
         if not self.cache.release(seq.slot, self._kv_to_keep(seq), len(seq.prompt)):
             self.ctx.drop_sequence(seq.slot)
             self._free_slots.append(seq.slot)

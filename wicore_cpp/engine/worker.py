@@ -80,6 +80,7 @@ def run_worker(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> 
             threads=threads,
             flash_attn=config.flash_attn,
             kv_cache_type=config.kv_cache_type,
+            backend_sampling=config.backend_sampling,
         )
     except BackendError as exc:
         evt_conn.send(WorkerFailed(spec.worker_id, str(exc)))
