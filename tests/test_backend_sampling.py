@@ -94,6 +94,31 @@ def test_a_batch_mixes_both_paths(model):
     assert mixed == on_cpu
 
 
+def test_a_seed_gives_the_same_tokens_however_the_prompt_is_chunked(model):
+    """A chain runs only in steps where its sequence gets a token: prefill chunks before that
+    must not spend its random draws."""
+    prompt = prompt_of(model, "Tell me about the sea and the sky. " * 12)
+    params = SamplingParams(max_tokens=16, temperature=1.0, seed=7)
+    runs = []
+    for n_batch in (16, 256):
+        ctx = BatchContext(model, n_ctx=4096, n_batch=n_batch, n_seq_max=2, threads=2,
+                           flash_attn="off", backend_sampling=True)
+        batcher = ContinuousBatcher(model, ctx)
+        batcher.submit(GenerateRequest("s", prompt, params, int(Priority.NORMAL)))
+        tokens, steps, attached = [], 0, []
+        while not batcher.is_idle:
+            updates = batcher.step()
+            steps += 1
+            attached.append(len(ctx._attached))
+            tokens += [t for _, _, _, ids, _, _, _ in updates for t in ids]
+        ctx.close()
+        runs.append((tokens, steps, attached))
+    (chunked, chunked_steps, attached), (whole, whole_steps, _) = runs
+    assert chunked_steps > whole_steps  # the prompt really took several steps
+    assert attached[0] == 0  # nothing attached while the first chunks prefill
+    assert len(chunked) == 16 and chunked == whole
+
+
 # --------------------------------------------------------------------------- distributions
 
 

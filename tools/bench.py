@@ -1558,6 +1558,69 @@ def measure_host_tier(model_path: str, threads: int, lengths: Sequence[int],
 # --------------------------------------------------------------------------- CLI
 
 
+def profile_steps(model_path: str, threads: int, n_seqs: int, backend: bool,
+                  steps: int = 24, max_tokens: int = 200) -> dict[str, float]:
+    """Where a decode step's time goes with `n_seqs` sequences generating, the batcher driven
+    directly (no HTTP): milliseconds per step in llama_decode, in sampling (reading the drawn
+    token, with backend sampling), in the rest of the step (WiCore's Python), and what the
+    step's message costs to pickle (the IPC encoding) and its SSE chunks to encode."""
+    import pickle
+
+    import orjson
+
+    from wicore_cpp.engine.backend import BatchContext, Model
+    from wicore_cpp.engine.batcher import ContinuousBatcher
+    from wicore_cpp.engine.messages import GenerateRequest, SamplingParams
+
+    model = Model(Path(model_path))
+    ctx = BatchContext(model, n_ctx=4096, n_batch=512, n_seq_max=n_seqs, threads=threads,
+                       backend_sampling=backend)
+    batcher = ContinuousBatcher(model, ctx, sample_threads=threads)
+    timing = {"decode": 0.0, "sample": 0.0}
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*a: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a)
+            finally:
+                timing[name] += time.perf_counter() - t
+        return wrapper
+
+    ctx.decode = timed("decode", ctx.decode)  # type: ignore[method-assign]
+    batcher._sample = timed("sample", batcher._sample)  # type: ignore[method-assign]
+    for i in range(n_seqs):
+        prompt = model.tokenize(PROMPTS[i % len(PROMPTS)], add_special=True)
+        batcher.submit(GenerateRequest(f"r{i}", prompt, SamplingParams(
+            max_tokens=max_tokens, temperature=0.7, seed=BASE_SEED + i), 1))
+    while any(s.is_prefilling for s in batcher._active.values()) or not batcher._active:
+        batcher.step()  # prefill, not measured
+    timing.update(decode=0.0, sample=0.0)
+    total = ipc = sse = 0.0
+    for _ in range(steps):
+        t = time.perf_counter()
+        updates = batcher.step()
+        total += time.perf_counter() - t
+        t = time.perf_counter()
+        pickle.dumps(updates)
+        ipc += time.perf_counter() - t
+        t = time.perf_counter()
+        for update in updates:
+            orjson.dumps({"choices": [{"index": 0, "delta": {"content": update[2]}}]})
+        sse += time.perf_counter() - t
+    batcher.cancel_all()
+    while not batcher.is_idle:
+        batcher.step()
+    ctx.close()
+    model.close()
+    ms = 1000 / steps
+    return {"sequences": n_seqs, "backend_sampling": backend, "step_ms": total * ms,
+            "decode_ms": timing["decode"] * ms, "sample_ms": timing["sample"] * ms,
+            "python_ms": (total - timing["decode"] - timing["sample"]) * ms,
+            "ipc_pickle_ms": ipc * ms, "sse_encode_ms": sse * ms,
+            "tok_s": n_seqs / total * steps}
+
+
 def _print_run(report: dict[str, Any]) -> None:
     emit(f"{report['requests']} requests, concurrency {report['concurrency']}, "
          f"{report['tokens']} tokens in {report['wall_s']:.2f} s")
@@ -1720,6 +1783,13 @@ def build_parser() -> argparse.ArgumentParser:
     ht.add_argument("--repeats", type=int, default=3)
     ht.add_argument("--json", metavar="OUT")
 
+    pr = sub.add_parser("profile", help="where a decode step's time goes (no server)")
+    pr.add_argument("--model", required=True, help="GGUF file")
+    pr.add_argument("--threads", type=int, default=0, help="default: physical cores")
+    pr.add_argument("--sequences", default="1,16", help="comma list")
+    pr.add_argument("--steps", type=int, default=24)
+    pr.add_argument("--json", metavar="OUT")
+
     mt = sub.add_parser("multiturn", help="multi-turn chats: WiCore vs llama.cpp's llama-server")
     mt.add_argument("--model", required=True, help="GGUF file")
     mt.add_argument("--threads", type=int, default=0, help="default: physical cores")
@@ -1805,6 +1875,20 @@ def _dispatch(args: argparse.Namespace) -> int:
             emit(f"| {r['tokens']} | {r['bytes'] / 2**20:.1f} | {r['prefill_s'] * 1000:.1f} "
                  f"| {r['save_s'] * 1000:.1f} | {r['restore_s'] * 1000:.1f} "
                  f"| {r['prefill_s'] / r['restore_s']:.0f}x |")
+        _write_json(args.json, {"model": args.model, "rows": rows})
+        return 0
+    if args.command == "profile":
+        rows = [profile_steps(args.model, args.threads or physical_cores(), int(n), backend,
+                              args.steps)
+                for n in args.sequences.split(",") for backend in (False, True)]
+        emit("| sequences | sampling | step (ms) | llama_decode | sampling | Python "
+             "| IPC pickle | SSE encode | tok/s |")
+        emit("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            emit(f"| {r['sequences']} | {'backend' if r['backend_sampling'] else 'CPU'} "
+                 f"| {r['step_ms']:.1f} | {r['decode_ms']:.1f} | {r['sample_ms']:.2f} "
+                 f"| {r['python_ms']:.2f} | {r['ipc_pickle_ms']:.3f} | {r['sse_encode_ms']:.3f} "
+                 f"| {r['tok_s']:.1f} |")
         _write_json(args.json, {"model": args.model, "rows": rows})
         return 0
     if args.command == "fairness":

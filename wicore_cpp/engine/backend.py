@@ -499,6 +499,18 @@ class BatchContext:
         sampler.on_backend = True
         return True
 
+    def attach_only(self, samplers: dict[int, Sampler]) -> None:
+        """Make the attached chains those of `samplers` (seq id -> sampler) that want the
+        backend: detach the others, attach the new ones; no llama.cpp call when nothing
+        changes (a change costs a graph re-reservation at the next decode)."""
+        if not self.backend_sampling:
+            return
+        for seq_id in [s for s, smp in self._attached.items() if samplers.get(s) is not smp]:
+            self.detach(seq_id)
+        for seq_id, sampler in samplers.items():
+            if seq_id not in self._attached and sampler.wants_backend:
+                self.attach(seq_id, sampler)
+
     def detach(self, seq_id: int) -> None:
         """Take `seq_id`'s sampler back from llama.cpp (before it is freed: llama.cpp keeps a
         pointer to the chain)."""

@@ -60,6 +60,8 @@ class ContinuousBatcher:
         self._active: dict[tuple[str, int], Sequence] = {}
         self._reserved = 0  # KV cells promised to active sequences
         self._updates: list[SeqUpdate] = []
+        # What the launched step samples once its decode is done (None: no step launched).
+        self._launched: list[tuple[Sequence, int]] | None = None
 
     @property
     def is_idle(self) -> bool:
@@ -137,7 +139,6 @@ class ContinuousBatcher:
             slot, n_cached = self.cache.place(req.request_id, req.prompt_tokens, need,
                                               self._reserved, req.params.cache_prompt)
             choice_slots = [self.cache.take_seq_id() for _ in range(n - 1)]
-            self.ctx.attach(slot, samplers[0])  # sampled in the decode graph when it can be
             seq = Sequence(req, slot, samplers[0], need)
             seq.n_cached = n_cached
             seq.pending_choices = list(zip(choice_slots, samplers[1:], strict=True))
@@ -148,6 +149,15 @@ class ContinuousBatcher:
 
     def step(self) -> list[SeqUpdate]:
         """Admit, decode one batch, sample, and return every sequence's news."""
+        self.launch()
+        return self.complete()
+
+    def launch(self) -> None:
+        """The first half of a step: admit, build the batch and start `llama_decode`. With an
+        asynchronous backend (a GPU) the device is still computing when this returns, and the
+        caller may ship the previous step's text meanwhile; `complete` waits for it."""
+        if self._launched is not None:
+            raise RuntimeError("launch() twice without complete()")
         self._admit()
         ctx = self.ctx
         ctx.clear_batch()
@@ -184,6 +194,11 @@ class ContinuousBatcher:
                 budget -= take
 
         if ctx.batch_size:
+            # Exactly the sequences that get a token this step sample in the decode graph:
+            # llama.cpp runs every attached chain each step (an idle one on a dummy row, its
+            # random state advancing), so a sequence still prefilling or paused is not attached
+            # and a seed gives the same tokens however the prompt was chunked.
+            ctx.attach_only({seq.slot: seq.sampler for seq, _ in to_sample})
             rc = ctx.decode()
             while rc == 1 and self.cache.evict_one():
                 rc = ctx.decode()  # cells a cached prefix held may be what this batch lacked
@@ -195,6 +210,12 @@ class ContinuousBatcher:
                     seq.n_cached += n
                 self.cache.after_step(progress)
                 to_sample += self._fan_out_choices(to_sample)
+        self._launched = to_sample
+
+    def complete(self) -> list[SeqUpdate]:
+        """The second half of a step: wait for the decode `launch` started (reading a token or
+        a logits row synchronizes), sample, and return every sequence's news."""
+        to_sample, self._launched = self._launched or [], None
         model = self.model
         for (seq, _), token in zip(to_sample, self._sample(to_sample), strict=True):
             if token < 0:
