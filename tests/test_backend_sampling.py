@@ -119,6 +119,41 @@ def test_a_seed_gives_the_same_tokens_however_the_prompt_is_chunked(model):
     assert len(chunked) == 16 and chunked == whole
 
 
+def test_a_sequence_paused_for_an_urgent_one_resumes_with_its_seed(model):
+    """A paused sequence's chain leaves the graph and comes back (llama.cpp aborts the
+    process if one chain is attached twice): it resumes where its random state was."""
+    params = SamplingParams(max_tokens=20, temperature=1.0, seed=11)
+
+    def run(with_urgent: bool) -> tuple[dict[str, list[int]], bool]:
+        ctx = BatchContext(model, n_ctx=4096, n_batch=64, n_seq_max=3, threads=2,
+                           flash_attn="off", backend_sampling=True)
+        batcher = ContinuousBatcher(model, ctx, max_batch_size=2)
+        for rid in ("n1", "n2"):
+            batcher.submit(GenerateRequest(rid, prompt_of(model, f"Story {rid}."), params,
+                                           int(Priority.NORMAL)))
+        tokens: dict[str, list[int]] = {}
+        paused = False
+        step = 0
+        while not batcher.is_idle:
+            if with_urgent and step == 3:
+                batcher.submit(GenerateRequest(
+                    "u", prompt_of(model, "Quick!"),
+                    SamplingParams(max_tokens=24, temperature=0), int(Priority.URGENT)))
+            for rid, _, _, ids, _, _, _ in batcher.step():
+                tokens.setdefault(rid, []).extend(ids)
+            seqs = {rid: s for (rid, _), s in batcher._active.items()}
+            if "u" in seqs and "n2" in seqs and seqs["n2"].slot not in ctx._attached:
+                paused = True  # n2 waits, its chain out of the graph
+            step += 1
+        ctx.close()
+        return tokens, paused
+
+    alone, _ = run(with_urgent=False)
+    interrupted, paused = run(with_urgent=True)
+    assert paused and len(interrupted["u"]) == 24
+    assert interrupted["n1"] == alone["n1"] and interrupted["n2"] == alone["n2"]
+
+
 # --------------------------------------------------------------------------- distributions
 
 

@@ -280,6 +280,14 @@ class Sampler:
         stages.append(lc.llama_sampler_init_dist(seed))
         return stages
 
+    def renew_chain(self) -> None:
+        """Replace the chain with a copy in the same state (its random state included), not
+        yet initialised for a decode graph. Only chains that may run on the backend (no
+        grammar, so one chain) are ever renewed."""
+        fresh = lc.llama_sampler_clone(self.ptr)
+        lc.llama_sampler_free(self.ptr)
+        self.ptr = fresh
+
     @property
     def is_constrained(self) -> bool:
         return self._grammar is not None
@@ -511,13 +519,18 @@ class BatchContext:
             if seq_id not in self._attached and sampler.wants_backend:
                 self.attach(seq_id, sampler)
 
-    def detach(self, seq_id: int) -> None:
+    def detach(self, seq_id: int, *, reuse: bool = True) -> None:
         """Take `seq_id`'s sampler back from llama.cpp (before it is freed: llama.cpp keeps a
-        pointer to the chain)."""
+        pointer to the chain). With `reuse` (a sequence paused, say), the sampler gets a fresh
+        copy of its chain: llama.cpp initialises a chain for its graph once in its life (a
+        second `llama_set_sampler` aborts the process) and, once initialised, a chain skips
+        its backend stages when applied on the host."""
         sampler = self._attached.pop(seq_id, None)
         if sampler is not None:
             lc.llama_set_sampler(self.ptr, seq_id, None)
             sampler.on_backend = False
+            if reuse:
+                sampler.renew_chain()
 
     def pos_max(self, seq_id: int) -> int:
         return lc.llama_memory_seq_pos_max(self.memory, seq_id)
@@ -571,7 +584,7 @@ class BatchContext:
     def close(self) -> None:
         if self.ptr:
             for seq_id in list(self._attached):
-                self.detach(seq_id)
+                self.detach(seq_id, reuse=False)
             lc.llama_batch_free(self._batch)
             lc.llama_free(self.ptr)
             self.ptr = None

@@ -325,7 +325,7 @@ class ContinuousBatcher:
     def _release(self, seq: Sequence, updates: list[SeqUpdate]) -> None:
         """Free a finished sequence's sampler and reservation; its slot and KV cells go back
         to the pool or stay in the prompt cache."""
-        self.ctx.detach(seq.slot)  # llama.cpp holds the chain until told otherwise
+        self.ctx.detach(seq.slot, reuse=False)  # llama.cpp holds the chain until told so
         if not self.cache.release(seq.slot, self._kv_to_keep(seq), len(seq.prompt)):
             self.ctx.drop_sequence(seq.slot)
             self._free_slots.append(seq.slot)
