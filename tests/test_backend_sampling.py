@@ -19,6 +19,7 @@ from wicore_cpp.engine.backend import BatchContext, Model, Sampler, runs_on_back
 from wicore_cpp.engine.batcher import ContinuousBatcher
 from wicore_cpp.engine.messages import GenerateRequest, SamplingParams
 from wicore_cpp.engine.queue import Priority
+from wicore_cpp.engine.worker import uses_backend_sampling
 
 N_SEQ = 16
 DRAWS_PER_SEQ = 100  # 16 x 100 = 1,600 draws per path
@@ -69,6 +70,13 @@ def test_which_requests_may_sample_on_the_backend():
                      dict(logprobs=0), dict(repetition_penalty=1.1),
                      dict(frequency_penalty=0.5), dict(presence_penalty=0.5), dict(n=2)):
         assert not runs_on_backend(SamplingParams(max_tokens=8, **cpu_only)), cpu_only
+
+
+def test_backend_sampling_setting_resolves_by_offload():
+    assert uses_backend_sampling("auto", offloaded=True)
+    assert not uses_backend_sampling("auto", offloaded=False)
+    assert uses_backend_sampling("on", offloaded=False)
+    assert not uses_backend_sampling("off", offloaded=True)
 
 
 def test_greedy_tokens_are_the_same_on_both_paths(model):

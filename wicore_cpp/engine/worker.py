@@ -58,6 +58,14 @@ def worker_main(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) ->
         log.info("front end went away; worker %d exits", spec.worker_id)
 
 
+def uses_backend_sampling(setting: str, offloaded: bool) -> bool:
+    """The `backend_sampling` setting resolved: "auto" samples in the decode graph only when
+    layers are on a GPU. On the CPU the graph's sampling (a softmax and a cumulative sum over
+    the whole vocabulary per sequence, plus copying each row's probabilities and logits back)
+    took longer than sampling from the logits row (`tools/bench.py profile`, README)."""
+    return setting == "on" or (setting == "auto" and offloaded)
+
+
 def serve_steps(batcher, cmd_conn, send, *, overlap: bool) -> None:
     """Serve commands and decode steps until Shutdown and idle; `send(updates, cache_report)`
     ships each step's results (once per step that has any).
@@ -119,7 +127,8 @@ def run_worker(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> 
             threads=threads,
             flash_attn=config.flash_attn,
             kv_cache_type=config.kv_cache_type,
-            backend_sampling=config.backend_sampling,
+            backend_sampling=uses_backend_sampling(config.backend_sampling,
+                                                   offload and n_gpu_layers > 0),
         )
     except BackendError as exc:
         evt_conn.send(WorkerFailed(spec.worker_id, str(exc)))
