@@ -11,6 +11,7 @@ import json
 
 from tests.conftest import make_config, serve_in_process
 from tests.test_lifecycle import frozen, metric_is, until, worker_pids
+from wicore_cpp.http.state import STATE
 
 MSG = [{"role": "user", "content": "Tell me a long story about the sea."}]
 FLOOD, POLITE = "sk-flood-0123456789", "sk-polite-0123456789"
@@ -62,3 +63,52 @@ async def test_a_flooding_key_cannot_starve_another_key_at_the_same_level(
     # request costs the same tokens), and the flood has the rest.
     assert order == ["polite0", "flood0", "polite1", "flood1", "flood2", "flood3", "flood4",
                      "flood5"], order
+
+
+async def test_a_key_with_nothing_running_starts_at_once_beside_a_flood(demo_model_path,
+                                                                       tmp_path):
+    """The TTFT half of the issue's measurement, as order: with every batch slot held by the
+    flood and more of it queued, the polite key's request starts at once in the fair slot
+    (while the worker is frozen, so nothing can have finished), and the worker pauses one of
+    the flood's sequences for it: the polite request ends first, while both flood streams it
+    ran beside are still under way, and only one flood stream (the one not paused) has
+    produced a token by then."""
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"name": "flood", "key": FLOOD},
+                                         {"name": "polite", "key": POLITE}]}))
+    config = make_config(demo_model_path, max_batch_size=2, urgent_slots=0, fair_slots=1,
+                         api_keys=str(keys), data_dir=str(tmp_path / "data"))
+    async with serve_in_process(config) as served:
+        (pid,) = worker_pids(served)
+        engine = served.app[STATE].engine
+        events: list[str] = []
+
+        async def stream(key: str, name: str, max_tokens: int) -> None:
+            async with served.session.post(
+                    served.url + "/v1/chat/completions",
+                    json={"messages": MSG, "max_tokens": max_tokens, "temperature": 0,
+                          "stream": True},
+                    headers={"Authorization": f"Bearer {key}"}) as r:
+                assert r.status == 200, await r.text()
+                async for line in r.content:
+                    if b'"finish_reason":"' in line.replace(b" ", b""):
+                        events.append(f"{name} ended")
+                    elif b'"content"' in line and f"{name} started" not in events:
+                        events.append(f"{name} started")
+
+        with frozen(pid):
+            tasks = [asyncio.create_task(stream(FLOOD, f"flood{i}", 30)) for i in range(4)]
+            await until(lambda: metric_is(served, "queue_length", 2), what="flood queued")
+            assert engine.stats().num_running_sequences == 2
+            tasks.append(asyncio.create_task(stream(POLITE, "polite", 3)))
+            # Dispatched at once, beyond the batch, though no slot has freed.
+            await until(lambda: _running(engine, 3), what="polite dispatched")
+            assert engine.stats().queue_length == 2
+        await asyncio.gather(*tasks)
+    polite_ended = events.index("polite ended")
+    assert polite_ended < min(events.index(f"flood{i} ended") for i in range(4)), events
+    assert sum(events.index(f"flood{i} started") < polite_ended for i in range(4)) == 1, events
+
+
+async def _running(engine, n: int) -> bool:
+    return engine.stats().num_running_sequences == n

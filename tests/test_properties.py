@@ -199,7 +199,8 @@ def test_a_stream_reads_back_as_exactly_its_chunks(request_id, model, created, d
     assert chunks[-2]["choices"] == [{"index": 0, "delta": {}, "finish_reason": reason}]
     assert chunks[-1]["usage"] == {"prompt_tokens": prompt_tokens,
                                    "completion_tokens": completion_tokens,
-                                   "total_tokens": prompt_tokens + completion_tokens}
+                                   "total_tokens": prompt_tokens + completion_tokens,
+                                   "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 @SETTINGS

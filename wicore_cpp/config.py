@@ -138,6 +138,12 @@ class Config(BaseModel):
         "take; the lowest-priority sequence pauses meanwhile, so a step stays within "
         "max_batch_size.",
     )
+    fair_slots: int = Field(
+        1, ge=0, le=16, description="With api_keys: extra sequence slots per worker for fair "
+        "share. While every batch slot is busy, a key with nothing running starts at once in "
+        "one, and the key running the most sequences pauses its newest until the batch has "
+        "room (a step stays within max_batch_size).",
+    )
     prefill_chunk: int = Field(
         512, ge=16, le=8192, description="Most tokens in one decode step (long prompts are split)."
     )
@@ -267,8 +273,8 @@ class Config(BaseModel):
         if any(amount <= 0 for amount in self.ray_resources.values()):
             raise ValueError("ray_resources amounts must be positive")
         if self.num_seq_ids > 256:
-            raise ValueError("max_batch_size + urgent_slots + prompt_cache_seqs cannot exceed "
-                             "256 (llama.cpp's sequence limit)")
+            raise ValueError("max_batch_size + urgent_slots + fair_slots + prompt_cache_seqs "
+                             "cannot exceed 256 (llama.cpp's sequence limit)")
         if self.kv_cache_type != "f16" and self.flash_attn == "off":
             # llama.cpp stores a quantized V cache only with flash attention (it refuses the
             # context otherwise); K and V share one setting here.
@@ -282,10 +288,20 @@ class Config(BaseModel):
         return name in self.model_fields_set
 
     @property
+    def num_fair_slots(self) -> int:
+        """Fair-share slots per worker: only keys make tenants, so none without api_keys."""
+        return self.fair_slots if self.api_keys else 0
+
+    @property
+    def max_running(self) -> int:
+        """Sequences a worker may hold at once: decode slots, urgent and fair-share slots."""
+        return self.max_batch_size + self.urgent_slots + self.num_fair_slots
+
+    @property
     def num_seq_ids(self) -> int:
-        """llama.cpp sequence ids per worker: decode slots, urgent slots, cached prefixes."""
+        """llama.cpp sequence ids per worker: running sequences and cached prefixes."""
         cache = self.prompt_cache_seqs if self.prompt_cache_share > 0 else 0
-        return self.max_batch_size + self.urgent_slots + cache
+        return self.max_running + cache
 
     def served_models(self) -> tuple[dict[str, Path], str | None]:
         """Model ids to serve and their files, plus a note when the demo stands in for Gemma.

@@ -12,7 +12,7 @@ sequence starts. A request with `n` choices prefills once and then runs as `n` s
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 
 from wicore_cpp.engine.backend import BatchContext, GrammarError, Model, Sampler
@@ -166,11 +166,7 @@ class ContinuousBatcher:
         budget = ctx.n_batch
         running = [s for s in self._active.values() if s.finish_reason is None]
         if len(running) > self.max_batch_size:
-            # Highest priority first, then first admitted: the newest low-priority sequences
-            # wait (their KV cells stay) while urgent ones run.
-            order = {id(s): i for i, s in enumerate(running)}
-            running.sort(key=lambda s: (-s.priority, order[id(s)]))
-            running = running[: self.max_batch_size]
+            running = self._unpaused(running)
         for seq in running:
             if not seq.is_prefilling and budget > 0:
                 to_sample.append((seq, ctx.add(seq.last_token, seq.n_cached, seq.slot, True)))
@@ -239,7 +235,8 @@ class ContinuousBatcher:
             choices, seq.pending_choices = seq.pending_choices, []
             max_tokens = seq.params.max_tokens
             seq.reservation -= len(choices) * max_tokens
-            request = GenerateRequest(seq.request_id, seq.prompt, seq.params, seq.priority)
+            request = GenerateRequest(seq.request_id, seq.prompt, seq.params, seq.priority,
+                                      seq.tenant)
             for i, (slot, sampler) in enumerate(choices, start=1):
                 self.ctx.copy_sequence(seq.slot, slot)
                 self.cache.fork(seq.slot, slot, seq.n_cached)
@@ -248,6 +245,22 @@ class ContinuousBatcher:
                 self._active[(seq.request_id, i)] = choice
                 added.append((choice, idx))
         return added
+
+    def _unpaused(self, running: list[Sequence]) -> list[Sequence]:
+        """The `max_batch_size` sequences this step decodes, highest priority first, then in
+        admission order; the others wait with their KV cells kept. Paused first: the lowest
+        priority (urgent ones run), then, within it, the key with the most sequences of that
+        level running (a key that started in a fair slot runs beside a flood), then the
+        newest."""
+        order = {id(s): i for i, s in enumerate(running)}
+        held = Counter((s.priority, s.tenant) for s in running)
+        left = list(running)
+        for _ in range(len(running) - self.max_batch_size):
+            victim = min(left, key=lambda s: (s.priority, -held[(s.priority, s.tenant)],
+                                              -order[id(s)]))
+            held[(victim.priority, victim.tenant)] -= 1
+            left.remove(victim)
+        return sorted(left, key=lambda s: (-s.priority, order[id(s)]))
 
     def _logprob_of(self, seq: Sequence, token: int) -> TokenLogprob | None:
         found = seq.sampler.last_logprob

@@ -358,7 +358,7 @@ class EngineClient:
             params, max_tokens=min(params.max_tokens, room), grammar=prepared.grammar,
             grammar_triggers=job.grammar_triggers if prepared.grammar else ())
         request_id = new_request_id()
-        generate = GenerateRequest(request_id, prompt, params, int(priority))
+        generate = GenerateRequest(request_id, prompt, params, int(priority), tenant)
         tracked = self._scheduler.submit(model.model_id, generate, priority, tenant,
                                          received)
         log.debug("request %s: %d prompt tokens, max_tokens %d, n %d, priority %s%s",

@@ -381,7 +381,8 @@ def settings_from_config(config: Config) -> Settings:
         # The prompt cache's in-pool tier lives inside ctx_size; its sequence ids widen the
         # sliding-window cache. Its host tier counts when set; the default (-1) is sized in the
         # worker from the RAM still free after loading, so it cannot crowd out the plan.
-        prompt_cache_seqs=config.num_seq_ids - config.max_batch_size - config.urgent_slots,
+        prompt_cache_seqs=config.num_seq_ids - config.max_running,
+        fair_slots=config.num_fair_slots,
         prompt_cache=(config.prompt_cache_host_mib << 20
                       if config.prompt_cache_share > 0 and config.prompt_cache_host_mib > 0
                       else 0),
@@ -414,6 +415,7 @@ def describe(result: FitResult) -> list[str]:
     lines.append(
         f"settings: ctx_size {s.ctx_size}{tag['ctx_size']}, max_batch_size "
         f"{s.max_batch_size}{tag['max_batch_size']} + urgent_slots {s.urgent_slots} + "
+        + (f"fair_slots {s.fair_slots} + " if s.fair_slots else "") +
         f"prompt_cache_seqs {s.prompt_cache_seqs}{tag['prompt_cache_seqs']} = "
         f"{s.n_seq_max} sequences, n_gpu_layers "
         f"{layers + tag['n_gpu_layers'] if has_gpu else 'none (no GPU offload)'}, "

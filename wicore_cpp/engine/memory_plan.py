@@ -11,7 +11,8 @@ Per device (the host's RAM, each GPU) a plan counts what llama.cpp will allocate
 - the KV cache by kind: full-attention layers hold `ctx_size` cells (padded to 256), Gemma's
   sliding-window layers `window x sequences + prefill_chunk` cells (WiCore runs llama.cpp with
   `swa_full = false` and one unified pool, see engine/backend.py), for the real number of
-  sequences, `max_batch_size + urgent_slots + prompt_cache_seqs` (a cached prefix keeps its
+  sequences, `max_batch_size + urgent_slots (+ fair_slots with API keys) + prompt_cache_seqs`
+  (a cached prefix keeps its
   own window of cells in the sliding-window layers);
 - compute buffers, as llama.cpp itself reports them for these settings (a `no_alloc` context,
   engine/memory_probe.py), and the host's logits buffer;
@@ -217,10 +218,12 @@ class Settings:
     # sliding-window layers) and the bytes of host RAM its host tier may hold.
     prompt_cache_seqs: int = 0
     prompt_cache: int = 0
+    fair_slots: int = 0  # fair-share slots (with API keys only)
 
     @property
     def n_seq_max(self) -> int:
-        return self.max_batch_size + self.urgent_slots + self.prompt_cache_seqs
+        return (self.max_batch_size + self.urgent_slots + self.fair_slots
+                + self.prompt_cache_seqs)
 
     @property
     def n_outputs_max(self) -> int:

@@ -57,6 +57,9 @@ class GenerateRequest:
     prompt_tokens: list[int]
     params: SamplingParams
     priority: int = 1  # Priority level; decides which sequence pauses for an urgent one
+    # Whose request it is (an API key's name; None without keys): with more sequences than
+    # max_batch_size, the key running the most pauses first within a level (fair slots).
+    tenant: str | None = None
 
 
 @dataclass(slots=True)

@@ -243,14 +243,8 @@ class Scheduler:
             if free:
                 req = queue.pop()
             else:
-                # Every batch slot is busy. The urgent slots are the urgent class's own: the
-                # longest-waiting urgent request takes one even if aged requests wait ahead.
-                req = queue.peek(Priority.URGENT)
+                req, free = self._beyond_batch(queue.peek(Priority.URGENT), head, ready)
                 if req is None:
-                    return
-                limit = batch + self.config.urgent_slots
-                free = [w for w in ready if w.num_slots + req.num_choices <= limit]
-                if not free:
                     return
                 queue.remove(req.request_id)
             # The worker whose prompt cache holds the longest prefix of the prompt, if one
@@ -268,6 +262,40 @@ class Scheduler:
             log.debug("request %s (%s) to worker %d after %.3fs in the queue", req.request_id,
                       req.priority.name.lower(), worker.worker_id, req.started - req.arrival)
             worker.send(req.generate)
+
+    def _beyond_batch(self, urgent: TrackedRequest | None, head: TrackedRequest,
+                      ready: list[WorkerHandle]) -> tuple[TrackedRequest | None,
+                                                          list[WorkerHandle]]:
+        """Every batch slot is busy: a request that starts at once anyway, and the workers
+        that can take it, or (None, [])."""
+        batch = self.config.max_batch_size
+        fair = self.config.num_fair_slots
+        if urgent is not None:
+            # The urgent slots are the urgent class's own: the longest-waiting urgent request
+            # takes one even if aged requests wait ahead (and a free fair slot too).
+            limit = batch + self.config.urgent_slots + fair
+            free = [w for w in ready if w.num_slots + urgent.num_choices <= limit]
+            return (urgent, free) if free else (None, [])
+        # A fair slot: the key whose turn it is has nothing running while another key runs
+        # several sequences of its level or lower; it starts now, and the worker pauses the
+        # newest sequence of the key running the most (ContinuousBatcher._unpaused), so a key
+        # sending one request at a time keeps its idle TTFT beside a flood.
+        if not fair or head.tenant is None or any(
+                r.tenant == head.tenant for w in ready for r in w.running.values()):
+            return None, []
+        free = [w for w in ready if w.num_slots + head.num_choices <= batch + fair
+                and self._crowded(w, head)]
+        return (head, free) if free else (None, [])
+
+    @staticmethod
+    def _crowded(worker: WorkerHandle, newcomer: TrackedRequest) -> bool:
+        """Whether another key runs two or more sequences on `worker` at `newcomer`'s level or
+        lower: one of them is what would pause for it."""
+        held: dict[str | None, int] = {}
+        for r in worker.running.values():
+            if r.tenant != newcomer.tenant and r.priority <= newcomer.priority:
+                held[r.tenant] = held.get(r.tenant, 0) + r.num_choices
+        return any(n >= 2 for n in held.values())
 
     # -- what the workers report (WorkerListener) --------------------------------------------
 

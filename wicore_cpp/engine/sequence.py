@@ -23,7 +23,8 @@ class Sequence:
     """
 
     __slots__ = (
-        "request_id", "index", "slot", "prompt", "params", "priority", "sampler", "reservation",
+        "request_id", "index", "slot", "prompt", "params", "priority", "tenant", "sampler",
+        "reservation",
         "n_cached", "last_token", "num_generated", "finish_reason", "error", "pending_choices",
         "_decoder", "_held", "_hold", "_out_text", "_out_tokens", "_out_logprobs",
         "generated",
@@ -37,6 +38,7 @@ class Sequence:
         self.prompt = request.prompt_tokens
         self.params = request.params
         self.priority = request.priority
+        self.tenant = request.tenant
         self.sampler = sampler
         self.reservation = reservation
         self.n_cached = 0  # tokens of this sequence already in the KV cache

@@ -148,7 +148,7 @@ def run_worker(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> 
     batcher = ContinuousBatcher(
         model, ctx, max_batch_size=config.max_batch_size, sample_threads=threads,
         grammar_budget_s=config.grammar_budget_ms / 1000,
-        max_running=config.max_batch_size + config.urgent_slots,
+        max_running=config.max_running,
         cache_cells=int(config.prompt_cache_share * ctx.n_ctx),
         cache_host_bytes=resolve_host_cache_bytes(config),
     )
