@@ -1385,6 +1385,8 @@ async def compare(args: argparse.Namespace) -> int:
                     results["runs"].append(run)
                     log.info("round %d, %s c=%d: %.1f tok/s, %d errors", n + 1, name, conc,
                              run["tok_s"], run["errors"])
+                    # Kept as it goes: a run cut short (a quiet window's end) keeps its rounds.
+                    (out_dir / "partial.json").write_text(json.dumps(results, indent=2) + "\n")
                 if name == "wicore" and n == 0 and not args.skip_priority:
                     log.info("wicore: priority test")
                     results["priority"] = await run_priority(PriorityConfig(
