@@ -194,9 +194,10 @@ class Sampler:
     grammar if its output is constrained, and its log-probabilities if it asked for them.
 
     With `on_backend` (and a request `runs_on_backend` allows), the chain is attached to the
-    context for the steps its sequence gets a token (`BatchContext.attach_only`): llama.cpp samples inside `llama_decode`, multi-threaded on
-    the CPU or on the GPU when offloaded, and `sample` only reads the token back (this llama.cpp
-    still copies the row's probabilities and logits to the host). The chain is the same either
+    context for the steps its sequence gets a token (`BatchContext.attach_only`): llama.cpp
+    samples inside `llama_decode`, multi-threaded on the CPU or on the GPU when offloaded, and
+    `sample` only reads the token back (this llama.cpp still copies the row's probabilities and
+    logits to the host). The chain is the same either
     way, so both paths draw from the same distribution (tests/test_backend_sampling.py).
 
     Unconstrained sequences sample with `llama_sampler_sample` (the candidates are built in C).
