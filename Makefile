@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 DEMO   := models/gemma-3-demo.gguf
 DEMO_MMPROJ := models/mmproj-gemma-3-demo-f16.gguf
-BENCH_MODEL := models/bench-gemma3-q8_0.gguf
+BENCH_MODEL := models/bench-gemma3-262k-q8_0.gguf
 LLAMA_PIN := llama-cpp-python==0.3.36
 
 .PHONY: serve test test-big bench bench-ray install install-test install-bench install-ray \
@@ -69,10 +69,11 @@ systemd-tools:
 	          "tests/test_deploy.py will skip its unit-file check"
 
 $(BENCH_MODEL): tools/make_model.py | $(VENV)/.installed
-	$(BIN)/python tools/make_model.py --preset bench --out $@
+	$(BIN)/python tools/make_model.py --preset bench-262k --out $@
 
-# Single-turn streams against llama-cpp-python's server, then multi-turn chats against llama.cpp's
-# own llama-server (built once from the pinned sdist's vendor/llama.cpp into build/llama-server).
+# Raw llama.cpp's ceiling (llama-bench, llama-batched-bench), then single-turn streams against
+# llama.cpp's own llama-server and llama-cpp-python's server, then multi-turn chats against
+# llama-server (all built once from the pinned sdist's vendor/llama.cpp into build/llama-server).
 bench: $(VENV)/.installed-bench $(BENCH_MODEL)
 	$(BIN)/python tools/bench.py compare --model $(BENCH_MODEL)
 	$(BIN)/python tools/bench.py multiturn --model $(BENCH_MODEL)

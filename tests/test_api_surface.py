@@ -227,3 +227,21 @@ async def test_echo_with_logprobs_scores_the_prompt(api):
     assert chunks[0]["choices"][0]["logprobs"]["token_logprobs"][0] is None
     assert len(chunks[0]["choices"][0]["logprobs"]["tokens"]) == len(prompt)
     assert abs(tokens[len(prompt) - 1] - generated_lp) < 1e-3
+
+
+async def test_echo_with_logprobs_of_a_prompt_longer_than_the_logits_rows(api):
+    """A worker's context has logits rows for one output per sequence (n_seq_max: 21 here), and
+    a scored prompt asks for one per position: it is scored over several steps, never more
+    rows in a step than llama.cpp reserved, beside another request being prefilled."""
+    text = "Once upon a time there was a river city with old houses and tall trees. " * 12
+    ids = (await post(api, "/tokenize", {"content": text, "add_special": True}))[1]["tokens"]
+    assert len(ids) > 140
+    plain = asyncio.create_task(post(api, "/v1/completions", {"prompt": text, "max_tokens": 4}))
+    status, body = await post(api, "/v1/completions", {
+        "prompt": ids, "max_tokens": 2, "temperature": 0, "logprobs": 1, "echo": True})
+    assert status == 200, body
+    lp = body["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + body["usage"]["completion_tokens"]
+    assert lp["token_logprobs"][0] is None
+    assert all(v is not None and v <= 0 for v in lp["token_logprobs"][1:])
+    assert (await plain)[0] == 200

@@ -223,22 +223,114 @@ def _run(server, conc, tok_s, errors=0):
     }
 
 
-def test_ratios_against_targets():
+def test_ratios_against_targets_per_peer():
     runs = [
         _run("wicore", 1, 110.0), _run("llama-cpp-python", 1, 100.0),
         _run("wicore", 16, 300.0), _run("llama-cpp-python", 16, 100.0),
+        _run("llama-server", 1, 120.0), _run("llama-server", 16, 240.0),
     ]
     out = bench.ratios(runs)
-    assert out[1]["ratio"] == pytest.approx(1.1) and out[1]["verdict"] == "PASS"
-    assert out[16]["ratio"] == pytest.approx(3.0) and out[16]["verdict"] == "MISS"
+    second = out["llama-cpp-python"]
+    assert second[1]["ratio"] == pytest.approx(1.1) and second[1]["verdict"] == "PASS"
+    assert second[16]["ratio"] == pytest.approx(3.0) and second[16]["verdict"] == "MISS"
+    primary = out["llama-server"]
+    assert primary[1]["ratio"] == pytest.approx(110 / 120) and primary[1]["verdict"] == "MISS"
+    assert primary[16]["ratio"] == pytest.approx(1.25) and primary[16]["verdict"] == "PASS"
+    assert primary[16]["target"] == 1.2
 
 
 def test_ratios_miss_when_either_side_had_errors_and_skip_missing_servers():
     runs = [_run("wicore", 1, 500.0, errors=1), _run("llama-cpp-python", 1, 100.0),
             _run("wicore", 16, 500.0)]
     out = bench.ratios(runs)
-    assert out[1]["verdict"] == "MISS"
-    assert 16 not in out
+    assert out["llama-cpp-python"][1]["verdict"] == "MISS"
+    assert 16 not in out["llama-cpp-python"]
+    assert "llama-server" not in out
+
+
+def test_decode_rate_is_concurrency_over_the_mean_gap():
+    assert bench.decode_rate([0.1, 0.1, 0.2, 0.0], 16) == pytest.approx(160.0)
+    assert bench.decode_rate([], 16) is None
+    assert bench.decode_rate([0.0], 1) is None
+
+
+def test_ceiling_checks_against_raw_llama_cpp_and_llama_server_ttft():
+    runs = [
+        {**_run("wicore", 1, 54.0), "decode_tok_s": 60.0},
+        {**_run("wicore", 16, 200.0), "decode_tok_s": 130.0, "ttft_p50": 0.5},
+        {**_run("llama-server", 16, 150.0), "ttft_p50": 0.4},
+    ]
+    ceilings = {"llama_bench_tg": 56.0, "batched_tg_16": 150.0}
+    checks = {c["name"]: c for c in bench.ceiling_checks(runs, ceilings)}
+    one = checks["1 stream tok/s / llama-bench tg"]
+    assert one["value"] == pytest.approx(54 / 56) and one["verdict"] == "PASS"
+    sixteen = checks["16 streams decode tok/s / llama-batched-bench B=16 decode"]
+    assert sixteen["value"] == pytest.approx(130 / 150) and sixteen["verdict"] == "PASS"
+    ttft = checks["16 streams TTFT p50 / llama-server's"]
+    assert ttft["value"] == pytest.approx(1.25) and ttft["verdict"] == "MISS"
+    # Without the figures a check needs, it is left out rather than passed.
+    assert bench.ceiling_checks(runs[:1], None) == []
+
+
+def _batched_row(pl: int, speed_tg: float, t_tg: float) -> str:
+    return json.dumps({
+        "n_kv_max": 16384, "n_batch": 2048, "n_ubatch": 512, "flash_attn": -1,
+        "is_pp_shared": 0, "n_gpu_layers": -1, "n_threads": 2, "n_threads_batch": 2, "pp": 32,
+        "tg": 64, "pl": pl, "n_kv": pl * 96, "t_pp": 0.1 * pl, "speed_pp": 320.0, "t_tg": t_tg,
+        "speed_tg": speed_tg, "t": t_tg + 0.1 * pl, "speed": 100.0})
+
+
+# What the tools print (llama-bench -o jsonl; llama-batched-bench --output-format jsonl),
+# with the log lines around the JSON that they also print.
+LLAMA_BENCH_JSONL = "\n".join([
+    "load_backend: loaded CPU backend from libggml-cpu.so",
+    json.dumps({"build_commit": "abc", "model_type": "gemma3 ?B Q8_0", "n_threads": 2,
+                "n_prompt": 0, "n_gen": 64, "n_depth": 0, "avg_ns": 1142857142,
+                "stddev_ns": 1000, "avg_ts": 56.03, "stddev_ts": 0.4,
+                "samples_ts": [56.1, 55.9, 56.09]}),
+    "",
+])
+BATCHED_BENCH_OUT = "\n".join([
+    "main: n_kv_max = 16384, n_batch = 2048, n_ubatch = 512, flash_attn = -1",
+    _batched_row(1, 53.33, 1.2),
+    _batched_row(16, 152.8, 6.7),
+    "",
+    "llama_perf_context_print:        load time =     120.00 ms",
+])
+
+
+def test_parse_llama_bench_takes_the_generation_test():
+    assert bench.parse_llama_bench(LLAMA_BENCH_JSONL) == pytest.approx(56.03)
+    prompt_only = '{"n_prompt": 512, "n_gen": 0, "avg_ts": 900.0}'
+    assert bench.parse_llama_bench(prompt_only) is None
+    assert bench.parse_llama_bench("error: failed to load model\n{not json}") is None
+
+
+def test_parse_batched_bench_per_batch_size():
+    rows = bench.parse_batched_bench(BATCHED_BENCH_OUT)
+    assert sorted(rows) == [1, 16]
+    assert rows[16]["speed_tg"] == pytest.approx(152.8)
+    assert rows[1]["speed_pp"] == pytest.approx(320.0) and rows[16]["t_tg"] == 6.7
+
+
+def test_raw_llama_cpp_commands_match_the_servers_settings(tmp_path):
+    cmd = bench.llama_bench_cmd(Path("/b/llama-bench"), "m.gguf", 2, 64)
+    assert cmd[cmd.index("-t") + 1] == "2" and cmd[cmd.index("-n") + 1] == "64"
+    assert cmd[cmd.index("-p") + 1] == "0" and cmd[cmd.index("-o") + 1] == "jsonl"
+    cmd = bench.batched_bench_cmd(Path("/b/llama-batched-bench"), "m.gguf", 2, 64, 32, (1, 16),
+                                  16384)
+    assert "-kvu" in cmd and cmd[cmd.index("-npl") + 1] == "1,16"
+    assert cmd[cmd.index("-c") + 1] == "16384" and cmd[cmd.index("-ntg") + 1] == "64"
+    assert cmd[cmd.index("--output-format") + 1] == "jsonl"
+
+
+def test_run_tool_keeps_the_output_and_raises_on_failure(tmp_path):
+    text = bench.run_tool([sys.executable, "-c", "print('{\"pl\": 1}')"],
+                          tmp_path / "ok.log", 60)
+    assert '{"pl": 1}' in text and (tmp_path / "ok.log").read_text() == text
+    with pytest.raises(RuntimeError, match="failed"):
+        bench.run_tool([sys.executable, "-c", "import sys; sys.exit(3)"],
+                       tmp_path / "bad.log", 60)
 
 
 def test_median_runs_pick_the_median_round_and_sum_errors():
@@ -267,11 +359,16 @@ def test_report_lines_include_ratio_priority_and_failures():
         "model": "m.gguf", "threads": 2, "max_tokens": 64, "runs": runs, "table": table,
         "rounds": 1, "loadavg_start": 0.2,
         "ratios": bench.ratios(table), "failures": ["llama-cpp-python: did not start"],
+        "ceilings": {"llama_bench_tg": 56.0, "batched_tg_1": 53.3, "batched_tg_16": 152.8},
+        "checks": [{"name": "16 streams TTFT p50 / llama-server's", "value": 0.8,
+                    "bound": 1.0, "higher_is_better": False, "verdict": "PASS"}],
         "priority": {"running": 16, "waiting": 32, "urgent_ttft": 0.25, "normal_ttft": 5.0,
                      "normal_over_urgent": 20.0, "errors": 0},
     }
     text = "\n".join(bench.report_lines(results))
-    assert "at concurrency 16: 4.00x (target >= 4x: PASS)" in text
+    assert "WiCore / llama-cpp-python at concurrency 16: 4.00x (target >= 4x: PASS)" in text
+    assert "llama-bench tg 56.0 tok/s" in text and "at B=16 152.8 tok/s" in text
+    assert "16 streams TTFT p50 / llama-server's: 0.80 (target <= 1: PASS)" in text
     assert "urgent TTFT 250 ms, normal TTFT 5000 ms (20.0x)" in text
     assert "FAILED: llama-cpp-python: did not start" in text
 
@@ -284,6 +381,7 @@ def test_cli_parses_each_subcommand():
     assert (args.running, args.waiting) == (16, 32)
     args = parser.parse_args(["compare", "--model", "x.gguf", "--wicore-arg=--workers=1"])
     assert args.wicore_arg == ["--workers=1"] and args.out_dir == "bench-results"
+    assert args.servers.split(",")[:2] == ["wicore", "llama-server"] and not args.skip_ceilings
     args = parser.parse_args(["fairness", "--model", "m", "--flood-key", "a", "--polite-key", "b"])
     assert (args.flood_requests, args.probes, args.flood_key, args.polite_key) == (40, 6, "a", "b")
     args = parser.parse_args(["multiturn", "--model", "x.gguf", "--servers", "wicore"])
@@ -356,6 +454,10 @@ def test_llama_server_build_is_reused_only_for_the_same_recipe(tmp_path):
     build.binary.parent.mkdir(parents=True)
     build.binary.write_text("")
     (tmp_path / "built-from").write_text(build.recipe + "\n")
+    assert not build.is_built()  # llama-bench and llama-batched-bench are missing
+    for tool in ("llama-bench", "llama-batched-bench"):
+        build.tool(tool).write_text("")
+    assert "llama-batched-bench" in build.recipe
     assert build.is_built() and build.ensure() == build.binary
     (tmp_path / "built-from").write_text("llama-cpp-python==0.0.1\n")
     assert not build.is_built()

@@ -223,6 +223,13 @@ def test_bench_vocabulary_is_unique():
     assert scores[mm.FIRST_NORMAL_TOKEN] > scores[-1]
 
 
+def test_bench_262k_is_the_bench_shape_with_gemma_3s_vocabulary():
+    """`make bench`'s model: the bench preset's layers, Gemma-3-27B's 262,144 tokens."""
+    big, bench, real = mm.PRESETS["bench-262k"], mm.PRESETS["bench"], mm.PRESETS["gemma-3-27b"]
+    assert big.n_vocab == real.n_vocab == 262144
+    assert big._replace(name="bench", n_vocab=bench.n_vocab) == bench
+
+
 def test_sparse_gemma_3_27b_has_the_real_shape(gemma_27b_files, tmp_path):
     """The 27B preset: 808 tensors in the real files' types, 15.4 GiB that take no disk."""
     from collections import Counter

@@ -1,4 +1,5 @@
-"""Load benchmark for OpenAI-compatible streaming chat servers (WiCore, llama-cpp-python).
+"""Load benchmark for OpenAI-compatible streaming chat servers (WiCore, llama.cpp's
+llama-server, llama-cpp-python).
 
 Subcommands:
 
@@ -17,10 +18,11 @@ Subcommands:
   images    inter-token latency of running text streams while image requests arrive
             (WiCore with a vision projector): the streams' gaps before the images, and while
             they are encoded and prefilled, and the image requests' TTFT.
-  compare   starts WiCore, then llama-cpp-python's own server, on the same GGUF with the
-            same threads (one at a time, never both), runs concurrency 1 and 16 on each and
-            the priority test on WiCore, prints a Markdown table and the ratios, and writes
-            bench-results/latest.json.
+  compare   runs llama.cpp's own `llama-bench` and `llama-batched-bench` (the ceiling), then
+            starts WiCore, llama.cpp's `llama-server` and llama-cpp-python's server on the
+            same GGUF with the same threads (one at a time, never two), runs concurrency 1
+            and 16 on each and the priority test on WiCore, prints a Markdown table, the
+            ratios and the targets, and writes bench-results/latest.json.
 
 Tokens are counted as streamed content chunks, the same way for every server (a chunk
 that carries several tokens, e.g. a held-back partial UTF-8 character, counts once, so the
@@ -67,8 +69,16 @@ PROMPTS: tuple[str, ...] = (
 BASE_SEED = 1234
 WARMUP_MAX_TOKENS = 4
 
-# Targets from the issue: WiCore / llama-cpp-python aggregate tokens/s at each concurrency.
-TARGETS: dict[int, float] = {1: 1.0, 16: 4.0}
+# Targets: WiCore / a peer server's aggregate tokens/s at each concurrency. llama.cpp's own
+# llama-server is the primary peer (issue 12); llama-cpp-python's server the second (issue 2).
+TARGETS: dict[str, dict[int, float]] = {
+    "llama-server": {1: 1.0, 16: 1.2},
+    "llama-cpp-python": {1: 1.0, 16: 4.0},
+}
+# WiCore against raw llama.cpp on the same model and threads (issue 12): one stream's tokens/s
+# against `llama-bench`'s tg, 16 streams' decode-phase rate against `llama-batched-bench`'s
+# decode rate at B=16.
+CEILING_TARGETS: dict[int, float] = {1: 0.90, 16: 0.85}
 
 
 def emit(line: str = "") -> None:
@@ -342,6 +352,7 @@ class RunConfig:
     deadline_s: float = 1800.0
     include_usage: bool = True
     warmup: bool = True
+    keep_alive: bool = True  # False: a connection per request (see _session)
 
 
 def summarize(results: Sequence[RequestResult], cfg: RunConfig, wall_s: float) -> dict[str, Any]:
@@ -368,6 +379,7 @@ def summarize(results: Sequence[RequestResult], cfg: RunConfig, wall_s: float) -
         "ttft_p95": percentile(ttfts, 95),
         "itl_p50": percentile(gaps, 50),
         "itl_p95": percentile(gaps, 95),
+        "decode_tok_s": decode_rate(gaps, cfg.concurrency),
         "errors": len(errors),
         "error_samples": sorted(set(errors))[:5],
         "finish_reasons": _count(r.finish_reason for r in ok),
@@ -380,6 +392,17 @@ def summarize(results: Sequence[RequestResult], cfg: RunConfig, wall_s: float) -
             for r in results
         ],
     }
+
+
+def decode_rate(gaps: Sequence[float], concurrency: int) -> float | None:
+    """Tokens/s of the decode phase: `concurrency` streams, each getting a token every mean
+    inter-token gap. First tokens (prefill, queueing) are left out, as `llama-batched-bench`'s
+    decode rate leaves out its prompt phase; steps that also prefill a newcomer's prompt are in,
+    as they are in any server's stream."""
+    if not gaps:
+        return None
+    mean = sum(gaps) / len(gaps)
+    return concurrency / mean if mean > 0 else None
 
 
 def _count(items: Any) -> dict[str, int]:
@@ -400,7 +423,7 @@ def _session(connections: int = 0, keep_alive: bool = True) -> aiohttp.ClientSes
 
 async def run_load(cfg: RunConfig) -> dict[str, Any]:
     """`concurrency` workers share `requests` streaming requests; returns summarize()."""
-    async with _session() as session:
+    async with _session(keep_alive=cfg.keep_alive) as session:
         if cfg.warmup:
             body = chat_body(cfg.model, -1, WARMUP_MAX_TOKENS, cfg.prompt, cfg.priority, False)
             warm = await stream_request(session, cfg.url, body, -1, cfg.timeout_s, 0.0)
@@ -952,41 +975,56 @@ LLAMA_SERVER_CMAKE_ARGS = (
 )
 
 
+# What the benchmark builds from llama.cpp: the peer server and llama.cpp's own benchmarks,
+# whose figures are the ceiling (`llama-bench`: one sequence; `llama-batched-bench`: B at once).
+LLAMA_CPP_TARGETS = ("llama-server", "llama-bench", "llama-batched-bench")
+
+
 class LlamaServerBuild:
-    """llama.cpp's own `llama-server`, built for the CPU from the `vendor/llama.cpp` tree of
-    the pinned llama-cpp-python source distribution, so it runs the very llama.cpp WiCore
-    does. Built once under `root` (about 8 minutes on 2 cores); later runs reuse the binary
-    while the pin and the build options are the same. Nothing built here is committed.
+    """llama.cpp's own `llama-server`, `llama-bench` and `llama-batched-bench`, built for the
+    CPU from the `vendor/llama.cpp` tree of the pinned llama-cpp-python source distribution, so
+    they run the very llama.cpp WiCore does. Built once under `root` (about 8 minutes on 2
+    cores); later runs reuse the binaries while the pin, the build options and the targets are
+    the same (a changed recipe rebuilds incrementally in the same tree). Nothing built here is
+    committed.
     """
 
     def __init__(self, root: Path = Path("build/llama-server"), jobs: int = 0) -> None:
         self.root = root
         self.jobs = jobs or os.cpu_count() or 1
-        self.binary = root / "build" / "bin" / "llama-server"
+        self.binary = self.tool("llama-server")
         self._stamp = root / "built-from"
+
+    def tool(self, name: str) -> Path:
+        """Where the build puts one of LLAMA_CPP_TARGETS."""
+        return self.root / "build" / "bin" / name
 
     @property
     def recipe(self) -> str:
-        return " ".join((LLAMA_CPP_PYTHON_PIN, *LLAMA_SERVER_CMAKE_ARGS))
+        return " ".join((LLAMA_CPP_PYTHON_PIN, *LLAMA_SERVER_CMAKE_ARGS,
+                         "--target", *LLAMA_CPP_TARGETS))
 
     def is_built(self) -> bool:
-        return self.binary.is_file() and self._stamp.is_file() \
-            and self._stamp.read_text().strip() == self.recipe
+        return all(self.tool(t).is_file() for t in LLAMA_CPP_TARGETS) \
+            and self._stamp.is_file() and self._stamp.read_text().strip() == self.recipe
 
     def ensure(self) -> Path:
-        """The llama-server binary, built first if this recipe has not been built yet."""
+        """The llama-server binary (its siblings beside it), built first if this recipe has
+        not been built yet."""
         if self.is_built():
             return self.binary
         self.root.mkdir(parents=True, exist_ok=True)
         source = self._source()
         build = self.root / "build"
-        log.info("building llama-server from %s (once; about 8 minutes on 2 cores)", source)
+        log.info("building %s from %s (once; about 8 minutes on 2 cores)",
+                 ", ".join(LLAMA_CPP_TARGETS), source)
         started = time.monotonic()
         self._run(["cmake", "-S", str(source), "-B", str(build), *LLAMA_SERVER_CMAKE_ARGS])
         self._run(["cmake", "--build", str(build), "-j", str(self.jobs), "--target",
-                   "llama-server"])
+                   *LLAMA_CPP_TARGETS])
         self._stamp.write_text(self.recipe + "\n")
-        log.info("llama-server built in %.0f s: %s", time.monotonic() - started, self.binary)
+        log.info("llama.cpp tools built in %.0f s: %s", time.monotonic() - started,
+                 self.binary.parent)
         return self.binary
 
     def _source(self) -> Path:
@@ -1031,6 +1069,87 @@ def llama_server(
         "--ctx-size", str(n_ctx), "--parallel", str(parallel), "--kv-unified", *extra,
     ]
     return ServerProcess("llama-server", cmd, "/health", port, log_dir / f"{log_name}.log")
+
+
+# --------------------------------------------------------------------------- raw llama.cpp
+
+
+def _json_lines(text: str) -> list[dict[str, Any]]:
+    """The JSON objects of a tool's output, one a line; log lines around them are skipped."""
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
+
+
+def parse_llama_bench(text: str) -> float | None:
+    """Generation tokens/s (`tg`) from `llama-bench -o jsonl` output: the mean over its
+    repetitions (`avg_ts`) of the test that generates without a prompt."""
+    for row in _json_lines(text):
+        if row.get("n_gen", 0) > 0 and row.get("n_prompt", 0) == 0 and "avg_ts" in row:
+            return float(row["avg_ts"])
+    return None
+
+
+def parse_batched_bench(text: str) -> dict[int, dict[str, float]]:
+    """Per batch size B (`pl`), from `llama-batched-bench --output-format jsonl`: the decode
+    rate (`speed_tg`: B x tg tokens over the decode phase), the prompt rate and the whole."""
+    out: dict[int, dict[str, float]] = {}
+    for row in _json_lines(text):
+        if "pl" in row and "speed_tg" in row:
+            out[int(row["pl"])] = {
+                "speed_tg": float(row["speed_tg"]), "speed_pp": float(row["speed_pp"]),
+                "speed": float(row["speed"]), "t_tg": float(row["t_tg"]),
+            }
+    return out
+
+
+def llama_bench_cmd(binary: Path, model: str, threads: int, n_gen: int,
+                    repetitions: int = 3) -> list[str]:
+    return [str(binary), "-m", model, "-t", str(threads), "-p", "0", "-n", str(n_gen),
+            "-r", str(repetitions), "-o", "jsonl"]
+
+
+def batched_bench_cmd(binary: Path, model: str, threads: int, n_gen: int, n_prompt: int,
+                      batch_sizes: Sequence[int], n_ctx: int) -> list[str]:
+    """B sequences of n_prompt + n_gen tokens in one unified KV pool, as the servers run."""
+    return [str(binary), "-m", model, "-t", str(threads), "-tb", str(threads),
+            "-c", str(n_ctx), "-npp", str(n_prompt), "-ntg", str(n_gen),
+            "-npl", ",".join(str(b) for b in batch_sizes), "-kvu", "--output-format", "jsonl"]
+
+
+def run_tool(cmd: list[str], log_path: Path, timeout_s: float) -> str:
+    """Run one llama.cpp tool to completion; its output (also written to `log_path`)."""
+    log.info("running %s", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                          stdin=subprocess.DEVNULL, check=False)
+    text = proc.stdout + "\n" + proc.stderr
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text(text)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{Path(cmd[0]).name} failed ({proc.returncode}); see {log_path}")
+    return text
+
+
+def raw_ceilings(build: LlamaServerBuild, model: str, threads: int, n_gen: int,
+                 n_ctx: int, log_dir: Path, timeout_s: float = 600.0) -> dict[str, Any]:
+    """llama.cpp's own figures on this model and threads: `llama-bench` tg (one sequence) and
+    `llama-batched-bench` at B = 1 and 16 (the decode rate of 16 sequences at once)."""
+    tg = parse_llama_bench(run_tool(
+        llama_bench_cmd(build.tool("llama-bench"), model, threads, n_gen),
+        log_dir / "llama-bench.log", timeout_s))
+    batched = parse_batched_bench(run_tool(
+        batched_bench_cmd(build.tool("llama-batched-bench"), model, threads, n_gen, 32,
+                          (1, 16), n_ctx),
+        log_dir / "llama-batched-bench.log", timeout_s))
+    return {"llama_bench_tg": tg, "batched": {str(b): v for b, v in batched.items()},
+            "batched_tg_1": batched.get(1, {}).get("speed_tg"),
+            "batched_tg_16": batched.get(16, {}).get("speed_tg")}
 
 
 # --------------------------------------------------------------------------- compare
@@ -1087,20 +1206,51 @@ def median_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def ratios(runs: Sequence[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """WiCore / llama-cpp-python tokens/s per concurrency, with PASS/MISS against TARGETS."""
+def ratios(runs: Sequence[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
+    """WiCore / each peer's tokens/s per concurrency, with PASS/MISS against TARGETS:
+    {peer: {concurrency: {ratio, target, verdict}}}; peers that did not run are left out."""
     by = {(r["server"], r["concurrency"]): r for r in runs}
-    out: dict[int, dict[str, Any]] = {}
-    for conc in sorted({r["concurrency"] for r in runs}):
-        ours, theirs = by.get(("wicore", conc)), by.get(("llama-cpp-python", conc))
-        if not ours or not theirs or not theirs["tok_s"]:
-            continue
-        ratio = ours["tok_s"] / theirs["tok_s"]
-        target = TARGETS.get(conc)
-        clean = ours["errors"] == 0 and theirs["errors"] == 0
-        verdict = None if target is None else ("PASS" if ratio >= target and clean else "MISS")
-        out[conc] = {"ratio": ratio, "target": target, "verdict": verdict}
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for peer, targets in TARGETS.items():
+        for conc in sorted({r["concurrency"] for r in runs}):
+            ours, theirs = by.get(("wicore", conc)), by.get((peer, conc))
+            if not ours or not theirs or not theirs["tok_s"]:
+                continue
+            ratio = ours["tok_s"] / theirs["tok_s"]
+            target = targets.get(conc)
+            clean = ours["errors"] == 0 and theirs["errors"] == 0
+            verdict = None if target is None else (
+                "PASS" if ratio >= target and clean else "MISS")
+            out.setdefault(peer, {})[conc] = {"ratio": ratio, "target": target,
+                                              "verdict": verdict}
     return out
+
+
+def ceiling_checks(runs: Sequence[dict[str, Any]],
+                   ceilings: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """WiCore against raw llama.cpp (CEILING_TARGETS) and its 16-stream TTFT p50 against
+    llama-server's: one {name, value, bound, verdict} per check that has both figures."""
+    by = {(r["server"], r["concurrency"]): r for r in runs}
+    checks: list[dict[str, Any]] = []
+    one, sixteen = by.get(("wicore", 1)), by.get(("wicore", 16))
+    if ceilings and one and ceilings.get("llama_bench_tg"):
+        ratio = one["tok_s"] / ceilings["llama_bench_tg"]
+        checks.append({"name": "1 stream tok/s / llama-bench tg", "value": ratio,
+                       "bound": CEILING_TARGETS[1], "higher_is_better": True})
+    if ceilings and sixteen and ceilings.get("batched_tg_16") and sixteen.get("decode_tok_s"):
+        ratio = sixteen["decode_tok_s"] / ceilings["batched_tg_16"]
+        checks.append({"name": "16 streams decode tok/s / llama-batched-bench B=16 decode",
+                       "value": ratio, "bound": CEILING_TARGETS[16], "higher_is_better": True})
+    peer = by.get(("llama-server", 16))
+    if sixteen and peer and sixteen["ttft_p50"] is not None and peer["ttft_p50"]:
+        checks.append({"name": "16 streams TTFT p50 / llama-server's",
+                       "value": sixteen["ttft_p50"] / peer["ttft_p50"], "bound": 1.0,
+                       "higher_is_better": False})
+    for check in checks:
+        good = (check["value"] >= check["bound"] if check["higher_is_better"]
+                else check["value"] <= check["bound"])
+        check["verdict"] = "PASS" if good else "MISS"
+    return checks
 
 
 def report_lines(results: dict[str, Any]) -> list[str]:
@@ -1119,9 +1269,25 @@ def report_lines(results: dict[str, Any]) -> list[str]:
             each = ", ".join(f"{v:.1f}" for v in row["rounds_tok_s"])
             lines.append(f"  {row['server']} at concurrency {row['concurrency']}: {each}")
         lines.append("")
-    for conc, r in sorted(results["ratios"].items()):
-        target = f" (target >= {r['target']:g}x: {r['verdict']})" if r["target"] else ""
-        lines.append(f"WiCore / llama-cpp-python at concurrency {conc}: {r['ratio']:.2f}x{target}")
+    ceilings = results.get("ceilings")
+    if ceilings:
+        lines.append(
+            f"raw llama.cpp: llama-bench tg {_fmt(ceilings.get('llama_bench_tg'), digits=1)} "
+            f"tok/s; llama-batched-bench decode at B=1 "
+            f"{_fmt(ceilings.get('batched_tg_1'), digits=1)}, at B=16 "
+            f"{_fmt(ceilings.get('batched_tg_16'), digits=1)} tok/s")
+    for row in results["table"]:
+        if row.get("decode_tok_s") and row["concurrency"] > 1:
+            lines.append(f"{row['server']} at concurrency {row['concurrency']}: decode phase "
+                         f"{row['decode_tok_s']:.1f} tok/s (concurrency / mean ITL)")
+    for peer, per_conc in results["ratios"].items():
+        for conc, r in sorted(per_conc.items()):
+            target = f" (target >= {r['target']:g}x: {r['verdict']})" if r["target"] else ""
+            lines.append(f"WiCore / {peer} at concurrency {conc}: {r['ratio']:.2f}x{target}")
+    for check in results.get("checks", ()):
+        sign = ">=" if check["higher_is_better"] else "<="
+        lines.append(f"{check['name']}: {check['value']:.2f} (target {sign} "
+                     f"{check['bound']:g}: {check['verdict']})")
     by = {(r["server"], r["concurrency"]): r for r in results["table"]}
     for conc in sorted({c for s, c in by if s == "wicore-ray"}):
         local, on_ray = by.get(("wicore", conc)), by[("wicore-ray", conc)]
@@ -1155,7 +1321,8 @@ async def compare(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {
         "model": model, "threads": threads, "max_tokens": args.max_tokens,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": [], "priority": None,
-        "rounds": args.rounds, "table": [], "ratios": {}, "failures": [],
+        "rounds": args.rounds, "table": [], "ratios": {}, "checks": [], "failures": [],
+        "ceilings": None,
     }
     results["loadavg_start"] = _loadavg()
     if results["loadavg_start"] is not None and results["loadavg_start"] > 0.5:
@@ -1168,7 +1335,8 @@ async def compare(args: argparse.Namespace) -> int:
     factories: dict[str, Callable[[int], ServerProcess]] = {}
     if "wicore" in args.servers.split(","):
         factories["wicore"] = lambda n: wicore_server(
-            model, threads, out_dir, args.wicore_arg, f"wicore-r{n}"
+            model, threads, out_dir, ["--ctx-size", str(args.server_ctx), *args.wicore_arg],
+            f"wicore-r{n}"
         )
     if "wicore-ray" in args.servers.split(","):
         # The same server with its worker as a Ray actor on a local Ray instance: what the
@@ -1177,10 +1345,27 @@ async def compare(args: argparse.Namespace) -> int:
             model, threads, out_dir, [*args.wicore_arg, "--ray-address", "local"],
             f"wicore-ray-r{n}", name="wicore-ray",
         )
-    if "llama" in args.servers:
+    servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    build = LlamaServerBuild(Path(args.build_dir))
+    if "llama-server" in servers or not args.skip_ceilings:
+        await asyncio.to_thread(build.ensure)
+    if "llama-server" in servers:
+        # As many slots as the busiest run's streams, one unified KV pool of the same size as
+        # WiCore's (--ctx-size below), the same threads.
+        factories["llama-server"] = lambda n: llama_server(
+            build.binary, model, threads, args.server_ctx, 16, out_dir,
+            args.llama_server_arg, f"llama-server-r{n}")
+    if "llama" in servers:
         factories["llama-cpp-python"] = lambda n: llama_cpp_server(
             model, threads, args.n_ctx, out_dir, args.llama_arg, f"llama-cpp-python-r{n}"
         )
+    if not args.skip_ceilings:
+        try:
+            results["ceilings"] = await asyncio.to_thread(
+                raw_ceilings, build, model, threads, args.max_tokens, args.server_ctx, out_dir)
+        except Exception as exc:  # noqa: BLE001 - the servers can still be compared
+            log.exception("raw llama.cpp figures failed")
+            results["failures"].append(f"raw llama.cpp: {exc}")
     # Rounds alternate the servers, so a burst of other load on the machine hits both
     # rather than one; the table reports each configuration's median round.
     for n in range(args.rounds):
@@ -1197,12 +1382,15 @@ async def compare(args: argparse.Namespace) -> int:
                     run = await run_load(RunConfig(
                         url=server.url, model="bench", concurrency=conc, requests=requests,
                         max_tokens=args.max_tokens, timeout_s=args.timeout,
+                        keep_alive=False,  # llama-server's own schedule; the same for all
                     ))
                     run["server"] = name
                     run["round"] = n + 1
                     results["runs"].append(run)
                     log.info("round %d, %s c=%d: %.1f tok/s, %d errors", n + 1, name, conc,
                              run["tok_s"], run["errors"])
+                    # Kept as it goes: a run cut short (a quiet window's end) keeps its rounds.
+                    (out_dir / "partial.json").write_text(json.dumps(results, indent=2) + "\n")
                 if name == "wicore" and n == 0 and not args.skip_priority:
                     log.info("wicore: priority test")
                     results["priority"] = await run_priority(PriorityConfig(
@@ -1216,6 +1404,7 @@ async def compare(args: argparse.Namespace) -> int:
                 server.stop()
     results["table"] = median_runs(results["runs"])
     results["ratios"] = ratios(results["table"])
+    results["checks"] = ceiling_checks(results["table"], results["ceilings"])
     results["elapsed_s"] = time.monotonic() - began
     results["loadavg_end"] = _loadavg()
     for line in report_lines(results):
@@ -1228,7 +1417,10 @@ async def compare(args: argparse.Namespace) -> int:
         errors += results["priority"]["errors"]
     if results["failures"] or errors:
         return 1
-    if args.strict and any(r["verdict"] == "MISS" for r in results["ratios"].values()):
+    if args.strict and (
+            any(r["verdict"] == "MISS" for per in results["ratios"].values()
+                for r in per.values())
+            or any(c["verdict"] == "MISS" for c in results["checks"])):
         return 1
     return 0
 
@@ -1370,6 +1562,69 @@ def measure_host_tier(model_path: str, threads: int, lengths: Sequence[int],
 
 
 # --------------------------------------------------------------------------- CLI
+
+
+def profile_steps(model_path: str, threads: int, n_seqs: int, backend: bool,
+                  steps: int = 24, max_tokens: int = 200) -> dict[str, float]:
+    """Where a decode step's time goes with `n_seqs` sequences generating, the batcher driven
+    directly (no HTTP): milliseconds per step in llama_decode, in sampling (reading the drawn
+    token, with backend sampling), in the rest of the step (WiCore's Python), and what the
+    step's message costs to pickle (the IPC encoding) and its SSE chunks to encode."""
+    import pickle
+
+    import orjson
+
+    from wicore_cpp.engine.backend import BatchContext, Model
+    from wicore_cpp.engine.batcher import ContinuousBatcher
+    from wicore_cpp.engine.messages import GenerateRequest, SamplingParams
+
+    model = Model(Path(model_path))
+    ctx = BatchContext(model, n_ctx=4096, n_batch=512, n_seq_max=n_seqs, threads=threads,
+                       backend_sampling=backend)
+    batcher = ContinuousBatcher(model, ctx, sample_threads=threads)
+    timing = {"decode": 0.0, "sample": 0.0}
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*a: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a)
+            finally:
+                timing[name] += time.perf_counter() - t
+        return wrapper
+
+    ctx.decode = timed("decode", ctx.decode)  # type: ignore[method-assign]
+    batcher._sample = timed("sample", batcher._sample)  # type: ignore[method-assign]
+    for i in range(n_seqs):
+        prompt = model.tokenize(PROMPTS[i % len(PROMPTS)], add_special=True)
+        batcher.submit(GenerateRequest(f"r{i}", prompt, SamplingParams(
+            max_tokens=max_tokens, temperature=0.7, seed=BASE_SEED + i), 1))
+    while any(s.is_prefilling for s in batcher._active.values()) or not batcher._active:
+        batcher.step()  # prefill, not measured
+    timing.update(decode=0.0, sample=0.0)
+    total = ipc = sse = 0.0
+    for _ in range(steps):
+        t = time.perf_counter()
+        updates = batcher.step()
+        total += time.perf_counter() - t
+        t = time.perf_counter()
+        pickle.dumps(updates)
+        ipc += time.perf_counter() - t
+        t = time.perf_counter()
+        for update in updates:
+            orjson.dumps({"choices": [{"index": 0, "delta": {"content": update[2]}}]})
+        sse += time.perf_counter() - t
+    batcher.cancel_all()
+    while not batcher.is_idle:
+        batcher.step()
+    ctx.close()
+    model.close()
+    ms = 1000 / steps
+    return {"sequences": n_seqs, "backend_sampling": backend, "step_ms": total * ms,
+            "decode_ms": timing["decode"] * ms, "sample_ms": timing["sample"] * ms,
+            "python_ms": (total - timing["decode"] - timing["sample"]) * ms,
+            "ipc_pickle_ms": ipc * ms, "sse_encode_ms": sse * ms,
+            "tok_s": n_seqs / total * steps}
 
 
 def _print_run(report: dict[str, Any]) -> None:
@@ -1648,7 +1903,7 @@ def build_parser() -> argparse.ArgumentParser:
     fair.add_argument("--timeout", type=float, default=300.0)
     fair.add_argument("--json", metavar="OUT")
 
-    cmp_ = sub.add_parser("compare", help="WiCore vs llama-cpp-python's server, same model")
+    cmp_ = sub.add_parser("compare", help="WiCore vs llama-server and llama-cpp-python's server")
     cmp_.add_argument("--model", required=True, help="GGUF file")
     cmp_.add_argument("--threads", type=int, default=0, help="default: physical cores")
     cmp_.add_argument("--max-tokens", type=int, default=64)
@@ -1660,9 +1915,16 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--n-ctx", type=int, default=4096, help="llama-cpp-python's context")
     cmp_.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
     cmp_.add_argument("--start-timeout", type=float, default=300.0)
-    cmp_.add_argument("--servers", default="wicore,llama",
-                      help="comma list: wicore, llama (llama-cpp-python's server), wicore-ray "
-                      "(WiCore with its worker as a Ray actor; needs the `ray` extra)")
+    cmp_.add_argument("--servers", default="wicore,llama-server,llama",
+                      help="comma list: wicore, llama-server (llama.cpp's own, built from the "
+                      "pinned sdist), llama (llama-cpp-python's server), wicore-ray (WiCore "
+                      "with its worker as a Ray actor; needs the `ray` extra)")
+    cmp_.add_argument("--server-ctx", type=int, default=16384,
+                      help="KV pool of WiCore and llama-server (and llama-batched-bench)")
+    cmp_.add_argument("--build-dir", default="build/llama-server",
+                      help="where llama.cpp's tools are built (once) and kept")
+    cmp_.add_argument("--skip-ceilings", action="store_true",
+                      help="do not run llama-bench and llama-batched-bench")
     cmp_.add_argument("--skip-priority", action="store_true")
     cmp_.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     cmp_.add_argument("--out-dir", default="bench-results")
@@ -1670,6 +1932,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="extra argument for `wicore serve` (repeatable)")
     cmp_.add_argument("--llama-arg", action="append", default=[], metavar="ARG",
                       help="extra argument for llama_cpp.server (repeatable)")
+    cmp_.add_argument("--llama-server-arg", action="append", default=[], metavar="ARG",
+                      help="extra argument for llama-server (repeatable)")
 
     ht = sub.add_parser("host-tier", help="prefill vs save/restore of KV cells (no server)")
     ht.add_argument("--model", required=True, help="GGUF file")
@@ -1695,6 +1959,13 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--wicore-arg", action="append", default=[], metavar="ARG",
                     help="extra argument for `wicore serve` (repeatable)")
     im.add_argument("--json", metavar="OUT")
+
+    pr = sub.add_parser("profile", help="where a decode step's time goes (no server)")
+    pr.add_argument("--model", required=True, help="GGUF file")
+    pr.add_argument("--threads", type=int, default=0, help="default: physical cores")
+    pr.add_argument("--sequences", default="1,16", help="comma list")
+    pr.add_argument("--steps", type=int, default=24)
+    pr.add_argument("--json", metavar="OUT")
 
     mt = sub.add_parser("multiturn", help="multi-turn chats: WiCore vs llama.cpp's llama-server")
     mt.add_argument("--model", required=True, help="GGUF file")
@@ -1783,6 +2054,20 @@ def _dispatch(args: argparse.Namespace) -> int:
             emit(f"| {r['tokens']} | {r['bytes'] / 2**20:.1f} | {r['prefill_s'] * 1000:.1f} "
                  f"| {r['save_s'] * 1000:.1f} | {r['restore_s'] * 1000:.1f} "
                  f"| {r['prefill_s'] / r['restore_s']:.0f}x |")
+        _write_json(args.json, {"model": args.model, "rows": rows})
+        return 0
+    if args.command == "profile":
+        rows = [profile_steps(args.model, args.threads or physical_cores(), int(n), backend,
+                              args.steps)
+                for n in args.sequences.split(",") for backend in (False, True)]
+        emit("| sequences | sampling | step (ms) | llama_decode | sampling | Python "
+             "| IPC pickle | SSE encode | tok/s |")
+        emit("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            emit(f"| {r['sequences']} | {'backend' if r['backend_sampling'] else 'CPU'} "
+                 f"| {r['step_ms']:.1f} | {r['decode_ms']:.1f} | {r['sample_ms']:.2f} "
+                 f"| {r['python_ms']:.2f} | {r['ipc_pickle_ms']:.3f} | {r['sse_encode_ms']:.3f} "
+                 f"| {r['tok_s']:.1f} |")
         _write_json(args.json, {"model": args.model, "rows": rows})
         return 0
     if args.command == "fairness":

@@ -8,6 +8,7 @@ produces means nothing, but it costs the same to run as a trained model of the s
 
     python tools/make_model.py --preset demo  --out models/gemma-3-demo.gguf
     python tools/make_model.py --preset bench --out models/bench-gemma3-q8_0.gguf
+    python tools/make_model.py --preset bench-262k --out models/bench-gemma3-262k-q8_0.gguf
     python tools/make_model.py --preset demo  --out /tmp/demo-f32.gguf --dtype f32
     python tools/make_model.py --preset demo-swa32 --out /tmp/swa32.gguf --dtype f32
     python tools/make_model.py --preset gemma-3-27b --out /tmp/g27.gguf --dtype q4_k_m
@@ -156,6 +157,14 @@ PRESETS: dict[str, Preset] = {
     # The shape (and so the cost to run) of a small real model: 222M parameters, 237 MB as Q8_0.
     "bench": Preset(
         name="bench", n_vocab=32768, n_embd=1024, n_layer=12, n_head=8, n_head_kv=4,
+        head_dim=128, n_ff=4096, n_ctx_train=8192, sliding_window=512, swa_pattern=6,
+        default_dtype="q8_0",
+    ),
+    # The bench shape with Gemma 3's real 262,144-token vocabulary (`make bench`'s model, 490 MB
+    # as Q8_0): the output layer and sampling over 262k entries per sequence weigh in every
+    # step as they do for Gemma-3-27B, where a small vocabulary would hide them.
+    "bench-262k": Preset(
+        name="bench-262k", n_vocab=262144, n_embd=1024, n_layer=12, n_head=8, n_head_kv=4,
         head_dim=128, n_ff=4096, n_ctx_train=8192, sliding_window=512, swa_pattern=6,
         default_dtype="q8_0",
     ),

@@ -131,6 +131,12 @@ class Config(BaseModel):
     flash_attn: Literal["auto", "on", "off"] = Field(
         "auto", description="Flash attention: auto (llama.cpp decides per device), on or off."
     )
+    backend_sampling: Literal["auto", "on", "off"] = Field(
+        "auto", description="Sample inside llama.cpp's decode graph for requests that only use "
+        "temperature, top_k, top_p, min_p and seed: auto (when layers are offloaded to a GPU; "
+        "on the CPU it measured slower than sampling from the logits), on or off. Grammars, "
+        "penalties, logit_bias, logprobs and n > 1 always sample from the logits.",
+    )
     max_batch_size: int = Field(
         16, ge=1, le=256, description="Sequences one worker decodes at once."
     )

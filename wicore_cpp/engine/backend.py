@@ -178,9 +178,27 @@ def init_grammar(model: Model, grammar: str, triggers: tuple[str, ...] = ()):
     return ptr
 
 
+def runs_on_backend(params: SamplingParams) -> bool:
+    """Whether a request's sampling can run inside llama.cpp's decode graph (backend sampling):
+    only temperature, top-k, top-p, min-p and the seeded draw (or greedy) have backend stages in
+    this llama.cpp (src/llama-sampler.cpp). A grammar, logit bias, penalties and
+    log-probabilities need the logits on the host, and so does `n` > 1, whose other choices
+    draw their first token from choice 0's logits."""
+    return (not params.grammar and not params.logit_bias and params.logprobs is None
+            and params.repetition_penalty == 1.0 and not params.frequency_penalty
+            and not params.presence_penalty and params.n == 1)
+
+
 class Sampler:
     """One sequence's sampling: its chain (penalty history and random state live in it), its
     grammar if its output is constrained, and its log-probabilities if it asked for them.
+
+    With `on_backend` (and a request `runs_on_backend` allows), the chain is attached to the
+    context for the steps its sequence gets a token (`BatchContext.attach_only`): llama.cpp
+    samples inside `llama_decode`, multi-threaded on the CPU or on the GPU when offloaded, and
+    `sample` only reads the token back (this llama.cpp still copies the row's probabilities and
+    logits to the host). The chain is the same either
+    way, so both paths draw from the same distribution (tests/test_backend_sampling.py).
 
     Unconstrained sequences sample with `llama_sampler_sample` (the candidates are built in C).
     A constrained one never lets llama.cpp's grammar walk the whole vocabulary each step (262k
@@ -192,10 +210,11 @@ class Sampler:
     """
 
     def __init__(self, params: SamplingParams, model: Model, *, choice: int = 0,
-                 prompt: list[int] | tuple[int, ...] = (), grammar_budget_s: float = 0.5):
+                 prompt: list[int] | tuple[int, ...] = (), grammar_budget_s: float = 0.5,
+                 on_backend: bool = False):
         """`choice` offsets the seed, so the `n` choices of a request differ under sampling.
-        `prompt` feeds the repetition penalty. Raises GrammarError for a grammar llama.cpp
-        refuses."""
+        `prompt` feeds the repetition penalty. `on_backend`: sample inside the decode graph
+        when the request allows it. Raises GrammarError for a grammar llama.cpp refuses."""
         self.ptr = None
         self._post = None
         self._grammar = None
@@ -203,6 +222,9 @@ class Sampler:
         self._budget_s = grammar_budget_s
         self.num_logprobs = params.logprobs
         self.last_logprob: tuple[float, tuple[tuple[int, float], ...]] | None = None
+        # Set by BatchContext.attach once llama.cpp has taken the chain into its graph.
+        self.on_backend = False
+        self.wants_backend = on_backend and runs_on_backend(params)
         if params.grammar:
             self._grammar = init_grammar(model, params.grammar, params.grammar_triggers)
         pre = self._logit_stages(params, n_vocab, prompt)
@@ -259,6 +281,14 @@ class Sampler:
         stages.append(lc.llama_sampler_init_dist(seed))
         return stages
 
+    def renew_chain(self) -> None:
+        """Replace the chain with a copy in the same state (its random state included), not
+        yet initialised for a decode graph. Only chains that may run on the backend (no
+        grammar, so one chain) are ever renewed."""
+        fresh = lc.llama_sampler_clone(self.ptr)
+        lc.llama_sampler_free(self.ptr)
+        self.ptr = fresh
+
     @property
     def is_constrained(self) -> bool:
         return self._grammar is not None
@@ -266,6 +296,12 @@ class Sampler:
     def sample(self, ctx: BatchContext, batch_index: int) -> int:
         """The next token from batch position `batch_index`, accepted into this sampler.
         Sets `last_logprob` when log-probabilities were asked for. Raises GrammarError."""
+        if self.on_backend:
+            token = lc.llama_get_sampled_token_ith(ctx.ptr, batch_index)
+            if token < 0:
+                raise GrammarError("llama.cpp sampled no token on the backend")
+            lc.llama_sampler_accept(self.ptr, token)  # llama-server's order: read, accept
+            return token
         if self._grammar is None:
             token = lc.llama_sampler_sample(self.ptr, ctx.ptr, batch_index)
         else:
@@ -389,7 +425,11 @@ class BatchContext:
     """One llama.cpp context whose unified KV pool is shared by up to `n_seq_max` sequences."""
 
     def __init__(self, model: Model, *, n_ctx: int, n_batch: int, n_seq_max: int, threads: int,
-                 flash_attn: str = "auto", kv_cache_type: str = "f16"):
+                 flash_attn: str = "auto", kv_cache_type: str = "f16",
+                 backend_sampling: bool = False):
+        """`backend_sampling`: sequences whose request allows it sample inside the decode graph
+        (`attach`); each sequence then asks for at most one output per step, which lets
+        llama.cpp draw without its transactional bookkeeping."""
         params = lc.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
@@ -400,6 +440,8 @@ class BatchContext:
         # vocabulary that is 17 rows of 1 MiB instead of 512 in the compute buffer. `add`
         # refuses more (llama.cpp would abort the process on it).
         params.n_outputs_max = n_seq_max
+        if backend_sampling:
+            params.n_outputs_max_per_seq = 1
         params.kv_unified = True
         # llama.cpp defaults to a full-size sliding-window cache; Gemma 3 has 5 of 6 layers
         # windowed, so a window-sized one (window x sequences) cuts its KV memory several-fold.
@@ -420,6 +462,8 @@ class BatchContext:
         self.n_batch = n_batch
         self.n_seq_max = n_seq_max
         self.memory = lc.llama_get_memory(self.ptr)
+        self.backend_sampling = backend_sampling
+        self._attached: dict[int, Sampler] = {}  # seq id -> the sampler llama.cpp holds
         self._batch = lc.llama_batch_init(n_batch, 0, 1)
         self._n = 0
         self._n_outputs = 0
@@ -452,6 +496,11 @@ class BatchContext:
     def batch_size(self) -> int:
         return self._n
 
+    @property
+    def outputs_left(self) -> int:
+        """Logits rows the batch being built may still ask for (see __init__)."""
+        return self.n_seq_max - self._n_outputs
+
     def decode(self) -> int:
         """Run the batch built with `add`. 0 ok, 1 no KV slot, other values failures."""
         self._batch.n_tokens = self._n
@@ -460,6 +509,44 @@ class BatchContext:
     def logits_ready(self, batch_index: int) -> None:
         """Settle llama.cpp's output order (its first logits read may reorder them)."""
         lc.llama_get_logits_ith(self.ptr, batch_index)
+
+    def attach(self, seq_id: int, sampler: Sampler) -> bool:
+        """Hand `sampler`'s chain to llama.cpp for `seq_id` when it asked for backend sampling
+        and this context allows it; True when llama.cpp took it (from the next decode on,
+        `sampler.sample` reads the token llama.cpp drew). Changing the attached set makes
+        llama.cpp re-reserve its compute graph once, at the next decode."""
+        if not (self.backend_sampling and sampler.wants_backend and sampler.ptr):
+            return False
+        if not lc.llama_set_sampler(self.ptr, seq_id, sampler.ptr):
+            return False
+        self._attached[seq_id] = sampler
+        sampler.on_backend = True
+        return True
+
+    def attach_only(self, samplers: dict[int, Sampler]) -> None:
+        """Make the attached chains those of `samplers` (seq id -> sampler) that want the
+        backend: detach the others, attach the new ones; no llama.cpp call when nothing
+        changes (a change costs a graph re-reservation at the next decode)."""
+        if not self.backend_sampling:
+            return
+        for seq_id in [s for s, smp in self._attached.items() if samplers.get(s) is not smp]:
+            self.detach(seq_id)
+        for seq_id, sampler in samplers.items():
+            if seq_id not in self._attached and sampler.wants_backend:
+                self.attach(seq_id, sampler)
+
+    def detach(self, seq_id: int, *, reuse: bool = True) -> None:
+        """Take `seq_id`'s sampler back from llama.cpp (before it is freed: llama.cpp keeps a
+        pointer to the chain). With `reuse` (a sequence paused, say), the sampler gets a fresh
+        copy of its chain: llama.cpp initialises a chain for its graph once in its life (a
+        second `llama_set_sampler` aborts the process) and, once initialised, a chain skips
+        its backend stages when applied on the host."""
+        sampler = self._attached.pop(seq_id, None)
+        if sampler is not None:
+            lc.llama_set_sampler(self.ptr, seq_id, None)
+            sampler.on_backend = False
+            if reuse:
+                sampler.renew_chain()
 
     def pos_max(self, seq_id: int) -> int:
         return lc.llama_memory_seq_pos_max(self.memory, seq_id)
@@ -512,6 +599,8 @@ class BatchContext:
 
     def close(self) -> None:
         if self.ptr:
+            for seq_id in list(self._attached):
+                self.detach(seq_id, reuse=False)
             lc.llama_batch_free(self._batch)
             lc.llama_free(self.ptr)
             self.ptr = None

@@ -89,6 +89,8 @@ class ContinuousBatcher:
         self._active: dict[tuple[str, int], Sequence] = {}
         self._reserved = 0  # KV cells promised to active sequences
         self._updates: list[SeqUpdate] = []
+        # What the launched step samples once its decode is done (None: no step launched).
+        self._launched: list[tuple[Sequence, int]] | None = None
 
     @property
     def is_idle(self) -> bool:
@@ -161,7 +163,8 @@ class ContinuousBatcher:
                         else req.prompt_tokens)
                 for i in range(n):
                     samplers.append(Sampler(req.params, self.model, choice=i, prompt=text,
-                                            grammar_budget_s=self.grammar_budget_s))
+                                            grammar_budget_s=self.grammar_budget_s,
+                                            on_backend=self.ctx.backend_sampling))
             except GrammarError as exc:
                 log.warning("request %s: %s", req.request_id, exc)
                 for sampler in samplers:
@@ -181,6 +184,15 @@ class ContinuousBatcher:
 
     def step(self) -> list[SeqUpdate]:
         """Admit, decode one batch, sample, and return every sequence's news."""
+        self.launch()
+        return self.complete()
+
+    def launch(self) -> None:
+        """The first half of a step: admit, build the batch and start `llama_decode`. With an
+        asynchronous backend (a GPU) the device is still computing when this returns, and the
+        caller may ship the previous step's text meanwhile; `complete` waits for it."""
+        if self._launched is not None:
+            raise RuntimeError("launch() twice without complete()")
         self._admit()
         ctx = self.ctx
         ctx.clear_batch()
@@ -198,7 +210,7 @@ class ContinuousBatcher:
                 to_sample.append((seq, ctx.add(seq.last_token, seq.n_cached, seq.slot, True)))
                 progress.append((seq, 1))
                 budget -= 1
-        for seq in running:
+        for i, seq in enumerate(running):
             if budget <= 0:
                 break
             if seq.is_prefilling and seq.finish_reason is None:
@@ -208,7 +220,16 @@ class ContinuousBatcher:
                     continue  # its next image waits for a step of its own
                 scored = seq.prompt_logprobs is not None
                 if scored:
-                    take = min(take, PROMPT_LOGITS_PER_STEP)
+                    # Logits rows are bounded (n_outputs_max, see BatchContext): keep one for
+                    # each prefilling sequence after this one; one row per sequence when
+                    # sampling runs in the decode graph (n_outputs_max_per_seq).
+                    later = sum(1 for s in running[i + 1:] if s.is_prefilling)
+                    room = ctx.outputs_left - later
+                    if ctx.backend_sampling:
+                        room = min(room, 1)
+                    take = min(take, PROMPT_LOGITS_PER_STEP, room)
+                    if take <= 0:
+                        continue
                 end = start + take
                 if scored and start == 0:
                     prompt_scores.append((seq, 0, -1))  # nothing predicts the first token
@@ -230,6 +251,11 @@ class ContinuousBatcher:
             # requests and cancellations are still read) rather than spin.
             wait_for_futures([self._encoding[2]], timeout=0.05)
         if ctx.batch_size:
+            # Exactly the sequences that get a token this step sample in the decode graph:
+            # llama.cpp runs every attached chain each step (an idle one on a dummy row, its
+            # random state advancing), so a sequence still prefilling or paused is not attached
+            # and a seed gives the same tokens however the prompt was chunked.
+            ctx.attach_only({seq.slot: seq.sampler for seq, _ in to_sample})
             rc = ctx.decode()
             while rc == 1 and self.cache.evict_one():
                 rc = ctx.decode()  # cells a cached prefix held may be what this batch lacked
@@ -242,6 +268,12 @@ class ContinuousBatcher:
                 self.cache.after_step(progress)
                 self._score_prompts(prompt_scores)
                 to_sample += self._fan_out_choices(to_sample)
+        self._launched = to_sample
+
+    def complete(self) -> list[SeqUpdate]:
+        """The second half of a step: wait for the decode `launch` started (reading a token or
+        a logits row synchronizes), sample, and return every sequence's news."""
+        to_sample, self._launched = self._launched or [], None
         model = self.model
         for (seq, _), token in zip(to_sample, self._sample(to_sample), strict=True):
             if token < 0:
@@ -365,22 +397,34 @@ class ContinuousBatcher:
             return -1
 
     def _sample(self, to_sample: list[tuple[Sequence, int]]) -> list[int]:
-        if self._pool is None or len(to_sample) < 2:
-            return [self._sample_one(seq, idx) for seq, idx in to_sample]
+        """One token per (sequence, batch index), in order. Sequences sampled on the backend
+        only read the token llama.cpp drew during the decode; the others sample here from
+        their logits row, in parallel chunks."""
+        tokens = [0] * len(to_sample)
+        on_host: list[int] = []
+        for i, (seq, idx) in enumerate(to_sample):
+            if seq.sampler.on_backend:
+                tokens[i] = self._sample_one(seq, idx)
+            else:
+                on_host.append(i)
+        if self._pool is None or len(on_host) < 2:
+            for i in on_host:
+                tokens[i] = self._sample_one(*to_sample[i])
+            return tokens
         # The first logits read may reorder llama.cpp's outputs: do it on this thread, so the
         # parallel samplers below only read.
-        self.ctx.logits_ready(to_sample[0][1])
-        n = min(self._num_chunks, len(to_sample))
-        chunks = [to_sample[i::n] for i in range(n)]
+        self.ctx.logits_ready(to_sample[on_host[0]][1])
+        n = min(self._num_chunks, len(on_host))
+        chunks = [on_host[i::n] for i in range(n)]
 
-        def run(chunk: list[tuple[Sequence, int]]) -> list[int]:
-            return [self._sample_one(seq, idx) for seq, idx in chunk]
+        def run(chunk: list[int]) -> None:
+            for i in chunk:
+                tokens[i] = self._sample_one(*to_sample[i])
 
         futures = [self._pool.submit(run, chunk) for chunk in chunks[1:]]
-        results = [run(chunks[0])] + [f.result() for f in futures]
-        tokens = [0] * len(to_sample)
-        for i, chunk_tokens in enumerate(results):
-            tokens[i::n] = chunk_tokens
+        run(chunks[0])
+        for future in futures:
+            future.result()
         return tokens
 
     def _on_decode_failure(self, rc: int, progress: list[tuple[Sequence, int]]) -> None:
@@ -412,6 +456,7 @@ class ContinuousBatcher:
     def _release(self, seq: Sequence, updates: list[SeqUpdate]) -> None:
         """Free a finished sequence's sampler and reservation; its slot and KV cells go back
         to the pool or stay in the prompt cache."""
+        self.ctx.detach(seq.slot, reuse=False)  # llama.cpp holds the chain until told so
         if not self.cache.release(seq.slot, self._kv_to_keep(seq), len(seq.prompt)):
             self.ctx.drop_sequence(seq.slot)
             self._free_slots.append(seq.slot)

@@ -59,6 +59,53 @@ def worker_main(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) ->
         log.info("front end went away; worker %d exits", spec.worker_id)
 
 
+def uses_backend_sampling(setting: str, offloaded: bool) -> bool:
+    """The `backend_sampling` setting resolved: "auto" samples in the decode graph only when
+    layers are on a GPU. On the CPU the graph's sampling (a softmax and a cumulative sum over
+    the whole vocabulary per sequence, plus copying each row's probabilities and logits back)
+    took longer than sampling from the logits row (`tools/bench.py profile`, README)."""
+    return setting == "on" or (setting == "auto" and offloaded)
+
+
+def serve_steps(batcher, cmd_conn, send, *, overlap: bool) -> None:
+    """Serve commands and decode steps until Shutdown and idle; `send(updates, cache_report)`
+    ships each step's results (once per step that has any).
+
+    Commands are read between steps (blocking only while idle). With `overlap`, a step's
+    results are held until the next step's decode has been launched (`batcher.launch`) and
+    sent while the device computes, then that step is completed; results are sent at once when
+    no further step follows (idle), so nothing waits on a step that will not come.
+    """
+    stopping = False
+    held = None  # (updates, cache_report) of the step before the one in flight
+    while not (stopping and batcher.is_idle):
+        # Block while idle; otherwise only look at what has arrived since the last step.
+        timeout = None if batcher.is_idle else 0
+        while cmd_conn.poll(timeout):
+            timeout = 0
+            msg = cmd_conn.recv()
+            if isinstance(msg, GenerateRequest):
+                batcher.submit(msg)
+            elif isinstance(msg, CancelRequest):
+                batcher.cancel(msg.request_id)
+            elif isinstance(msg, Shutdown):
+                stopping = True
+                batcher.cancel_all()
+        batcher.launch()
+        if held is not None:
+            send(*held)
+            held = None
+        updates = batcher.complete()
+        cache_report = batcher.cache.take_report()
+        if updates or cache_report is not None:
+            if overlap and not batcher.is_idle:
+                held = (updates, cache_report)
+            else:
+                send(updates, cache_report)
+    if held is not None:
+        send(*held)
+
+
 def run_worker(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> None:
     """Load, report ready (or failed), then serve commands until Shutdown and idle."""
     from wicore_cpp.engine.backend import BackendError, BatchContext, Model, supports_gpu_offload
@@ -81,6 +128,8 @@ def run_worker(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> 
             threads=threads,
             flash_attn=config.flash_attn,
             kv_cache_type=config.kv_cache_type,
+            backend_sampling=uses_backend_sampling(config.backend_sampling,
+                                                   offload and n_gpu_layers > 0),
         )
         vision = None
         if spec.mmproj_path is not None:
@@ -118,24 +167,15 @@ def run_worker(spec: WorkerSpec, cmd_conn: Connection, evt_conn: Connection) -> 
         log.info("prompt cache: up to %d cells, %d extra seq ids, sliding window %d, "
                  "host tier %d MiB", batcher.cache.max_cells, config.prompt_cache_seqs,
                  model.n_swa, batcher.cache.host_limit >> 20)
-    stopping = False
-    while not (stopping and batcher.is_idle):
-        # Block while idle; otherwise only look at what has arrived since the last step.
-        timeout = None if batcher.is_idle else 0
-        while cmd_conn.poll(timeout):
-            timeout = 0
-            msg = cmd_conn.recv()
-            if isinstance(msg, GenerateRequest):
-                batcher.submit(msg)
-            elif isinstance(msg, CancelRequest):
-                batcher.cancel(msg.request_id)
-            elif isinstance(msg, Shutdown):
-                stopping = True
-                batcher.cancel_all()
-        updates = batcher.step()
-        cache_report = batcher.cache.take_report()
-        if updates or cache_report is not None:
-            evt_conn.send(StepOutput(spec.worker_id, updates, cache_report))
+    # With layers on a GPU, llama_decode returns while the device computes: ship the previous
+    # step's text then, rather than after the step (on the CPU decode is synchronous, and
+    # holding text back a step would only delay it).
+    overlap = offload and n_gpu_layers > 0
+
+    def send(updates, cache_report) -> None:
+        evt_conn.send(StepOutput(spec.worker_id, updates, cache_report))
+
+    serve_steps(batcher, cmd_conn, send, overlap=overlap)
     if vision is not None:
         vision.close()
     ctx.close()
