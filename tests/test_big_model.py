@@ -65,9 +65,12 @@ def test_gemma_3_27b_serves_with_the_planned_settings(machine_lock, tmp_path):
     plan = orjson.loads(dry.stdout)
     host = plan["devices"][0]
     assert host["need_bytes"] <= host["usable_bytes"]
-    # 17 GiB usable: after the weights not even 4,096 cells for 17 sequences fit, so the fit
-    # gives up sequences too, each step a line in the server's log.
-    assert [s["setting"] for s in plan["fit_steps"]] == ["ctx_size", "max_batch_size"]
+    # 17 GiB usable: the prompt cache's own sequence ids go first; then, after the weights, not
+    # even 4,096 cells for 17 sequences fit, so the fit gives up sequences too, each step a
+    # line in the server's log.
+    assert [s["setting"] for s in plan["fit_steps"]] == ["prompt_cache_seqs", "ctx_size",
+                                                         "max_batch_size"]
+    assert plan["settings"]["prompt_cache_seqs"] == 0
 
     port = free_port()
     log_path = tmp_path / "server.log"
@@ -104,6 +107,7 @@ def test_gemma_3_27b_serves_with_the_planned_settings(machine_lock, tmp_path):
     log = log_path.read_text(errors="replace")
     planned = plan["settings"]["ctx_size"]
     assert f"n_ctx={planned}," in log
+    assert "memory fit: prompt_cache_seqs 4 -> 0: " in log
     assert "memory fit: ctx_size 32768 -> " in log and "memory fit: max_batch_size 16 -> " in log
     real = parse_log([line.split("wicore.llama: ", 1)[-1] for line in log.splitlines()
                       if "worker-" in line])
