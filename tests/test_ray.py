@@ -56,8 +56,12 @@ async def test_two_actor_workers_share_concurrent_streams(local_ray, demo_model_
         assert all(w["node"] for w in ws)
         for w in ws:
             assert "ray::WorkerActor" in " ".join(psutil.Process(w["pid"]).cmdline())
-        streams = [await open_stream(served, seed=i, max_tokens=64) for i in range(4)]
-        m = await metrics(served)
+        # Greedy and long enough not to end before the check, which runs with both actors
+        # stopped (SIGSTOP), so how fast they are cannot matter.
+        streams = [await open_stream(served, seed=i, max_tokens=300, temperature=0)
+                   for i in range(4)]
+        with frozen(ws[0]["pid"]), frozen(ws[1]["pid"]):
+            m = await metrics(served)
         assert sorted(w["running"] for w in m["workers"]) == [2, 2]
         ends = await asyncio.gather(*(rest_of_stream(lines) for _, lines in streams))
         for resp, _ in streams:

@@ -17,9 +17,10 @@ routes = web.RouteTableDef()
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     content: str
-    add_special: bool = False
-    parse_special: bool = True
-    with_pieces: bool = False
+    # `null` means the default, as everywhere (parse_body drops it), so the document says so.
+    add_special: bool | None = False
+    parse_special: bool | None = True
+    with_pieces: bool | None = False
     model: str | None = None
 
 
